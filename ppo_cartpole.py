@@ -13,7 +13,7 @@ import random
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import gymnasium as gym
 import numpy as np
@@ -42,12 +42,13 @@ class Args:
     capture_video: bool = False
     """write a gif of one greedy episode before and after training into the run directory"""
 
-    # Algorithm
+    # Algorithm. The defaults solve CartPole-v1 (mean of the last 20 episodes >= 475) within 60k steps on every seed
+    # we measured (benchmark/cartpole_learning.py): small batches of 256 and a high learning rate mean many updates early.
     env_id: str = "CartPole-v1"
     """the Gymnasium id of the environment (discrete actions, vector observations)"""
-    total_timesteps: int = 100_000
+    total_timesteps: int = 60_000
     """total environment steps to train for"""
-    learning_rate: float = 2.5e-3
+    learning_rate: float = 3e-3
     """Adam learning rate at the start of training"""
     anneal_lr: bool = True
     """decay the learning rate linearly to zero over the run"""
@@ -55,13 +56,13 @@ class Args:
     """parallel environments"""
     async_envs: bool = False
     """step the environments in subprocesses (AsyncVectorEnv) instead of in this process"""
-    num_steps: int = 64
+    num_steps: int = 32
     """steps per environment per rollout; the batch is num_envs * num_steps"""
     gamma: float = 0.99
     """discount factor"""
     gae_lambda: float = 0.95
     """lambda of generalised advantage estimation"""
-    num_minibatches: int = 4
+    num_minibatches: int = 2
     """minibatches the batch is split into per epoch"""
     update_epochs: int = 10
     """passes over the batch per update"""
@@ -79,7 +80,7 @@ class Args:
     """clip the global gradient norm to this"""
     target_kl: float | None = None
     """stop the epochs of an update early when the approximate KL passes this"""
-    log_interval: int = 10
+    log_interval: int = 25
     """print a progress line every this many iterations"""
 
     # Evaluation
@@ -194,27 +195,84 @@ class Agent(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Rollout: num_steps transitions from each environment with the current policy
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """Storage for one rollout, one row per step; every tensor is [num_steps, num_envs, ...]."""
+    obs: torch.Tensor
+    actions: torch.Tensor
+    logprobs: torch.Tensor
+    rewards: torch.Tensor
+    terminations: torch.Tensor
+    truncations: torch.Tensor
+    values: torch.Tensor
+    final_values: torch.Tensor  # V(final observation) where an episode was truncated, else 0
+
+    @classmethod
+    def empty(cls, num_steps: int, num_envs: int, obs_shape: tuple, device):
+        shape = (num_steps, num_envs)
+        tensors = {f.name: torch.zeros(shape, device=device) for f in fields(cls)}
+        tensors["obs"] = torch.zeros(shape + obs_shape, device=device)
+        tensors["actions"] = torch.zeros(shape, dtype=torch.long, device=device)
+        return cls(**tensors)
+
+
+def collect_rollout(envs, agent, rollout: Rollout, next_obs, device):
+    """Fill `rollout` by stepping `envs` from `next_obs`. Returns the observation to continue from and the finished
+    episodes as (step index, return, length)."""
+    episodes = []
+    for step in range(rollout.obs.shape[0]):
+        rollout.obs[step] = next_obs
+        with torch.no_grad():
+            action, logprob, _, value = agent.get_action_and_value(next_obs)
+        rollout.actions[step], rollout.logprobs[step], rollout.values[step] = action, logprob, value
+
+        next_obs, reward, terminated, truncated, infos = envs.step(action.cpu().numpy())
+        rollout.rewards[step] = torch.as_tensor(reward, device=device)
+        rollout.terminations[step] = torch.as_tensor(terminated, device=device)
+        rollout.truncations[step] = torch.as_tensor(truncated, device=device)
+        next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
+
+        rollout.final_values[step] = 0.0
+        if "final_obs" in infos:  # some episode ended this step; next_obs already holds the new episode's start
+            bootstrap = np.flatnonzero(truncated & ~terminated)
+            if len(bootstrap):
+                final_obs = torch.as_tensor(np.stack(infos["final_obs"][bootstrap]), dtype=torch.float32, device=device)
+                with torch.no_grad():
+                    rollout.final_values[step, bootstrap] = agent.get_value(final_obs)
+            episode = infos["final_info"]["episode"]
+            for i in np.flatnonzero(infos["final_info"]["_episode"]):
+                episodes.append((step, float(episode["r"][i]), int(episode["l"][i])))
+    return next_obs, episodes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Generalised advantage estimation
 # ---------------------------------------------------------------------------------------------------------------------
 
-def compute_gae(rewards, values, next_values, terminations, episode_ends, gamma, gae_lambda):
-    """Advantages and returns for a rollout; every argument is a [num_steps, num_envs] tensor.
+def compute_gae(rewards, values, terminations, truncations, final_values, next_value, gamma, gae_lambda):
+    """Advantages and returns of a rollout. rewards, values, terminations, truncations and final_values are
+    [num_steps, num_envs]; final_values holds V(final observation) where an episode was truncated; next_value is
+    V(next_obs), the state after the last row.
 
-    next_values[t] is V(s_{t+1}), the value of the state step t led to: the next row of `values` inside an episode,
-    the value of the final observation where an episode was truncated, anything where it terminated.
+        V(s_{t+1}) = values[t+1] inside an episode, final_values[t] after a truncation, next_value after the last row
+        delta_t    = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)        (TD error)
+        A_t        = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}             (GAE, cut at every episode end)
+        R_t        = A_t + V(s_t)                                                   (lambda-return: the value target)
 
-        delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)          (TD error)
-        A_t     = delta_t + gamma * lambda * (1 - episode_end_t) * A_{t+1}        (GAE, cut at episode ends)
-        R_t     = A_t + V(s_t)                                                     (lambda-return, the value target)
-
-    A truncated episode keeps the bootstrap term (the pole was still up when time ran out) but, like a terminated one,
-    stops the sum so no advantage reaches into the next episode. The last row bootstraps from V(next_obs).
+    A truncated episode keeps its bootstrap term (the pole was still up when time ran out) instead of being scored as a
+    failure, and like a terminated one it stops the sum, so no advantage reaches into the next episode.
     """
     advantages = torch.zeros_like(rewards)
-    next_advantage = torch.zeros_like(rewards[0])
+    next_advantage = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[0])):
-        delta = rewards[t] + gamma * (1.0 - terminations[t]) * next_values[t] - values[t]
-        next_advantage = delta + gamma * gae_lambda * (1.0 - episode_ends[t]) * next_advantage
+        next_values = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        next_values = torch.where(truncations[t].bool(), final_values[t], next_values)
+        done = torch.maximum(terminations[t], truncations[t])
+        delta = rewards[t] + gamma * (1.0 - terminations[t]) * next_values - values[t]
+        next_advantage = delta + gamma * gae_lambda * (1.0 - done) * next_advantage
         advantages[t] = next_advantage
     return advantages, advantages + values
 
@@ -318,17 +376,7 @@ def train(args: Args) -> str:
     if args.capture_video:
         evaluate(agent, args, device, episodes=1, video_path=os.path.join(run_dir, "before_training.gif"))
 
-    # Rollout storage, one row per step.
-    shape = (args.num_steps, args.num_envs)
-    obs = torch.zeros(shape + envs.single_observation_space.shape, device=device)
-    actions = torch.zeros(shape, dtype=torch.long, device=device)
-    logprobs = torch.zeros(shape, device=device)
-    rewards = torch.zeros(shape, device=device)
-    terminations = torch.zeros(shape, device=device)
-    episode_ends = torch.zeros(shape, device=device)
-    values = torch.zeros(shape, device=device)
-    final_values = torch.zeros(shape, device=device)  # V(final_obs) where an episode was truncated
-
+    rollout = Rollout.empty(args.num_steps, args.num_envs, envs.single_observation_space.shape, device)
     global_step = 0
     recent_returns = deque(maxlen=20)
     start_time = time.time()
@@ -339,42 +387,21 @@ def train(args: Args) -> str:
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations)
 
-        for step in range(args.num_steps):
-            global_step += args.num_envs
-            obs[step] = next_obs
-            with torch.no_grad():
-                action, logprob, _, value = agent.get_action_and_value(next_obs)
-            actions[step], logprobs[step], values[step] = action, logprob, value
-
-            next_obs_np, reward, terminated, truncated, infos = envs.step(action.cpu().numpy())
-            rewards[step] = torch.as_tensor(reward, device=device)
-            terminations[step] = torch.as_tensor(terminated, device=device)
-            episode_ends[step] = torch.as_tensor(terminated | truncated, device=device)
-            next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
-
-            final_values[step] = 0.0
-            if "final_obs" in infos:
-                bootstrap = np.flatnonzero(truncated & ~terminated)
-                if len(bootstrap):
-                    final_obs = torch.as_tensor(np.stack(infos["final_obs"][bootstrap]), dtype=torch.float32, device=device)
-                    with torch.no_grad():
-                        final_values[step, bootstrap] = agent.get_value(final_obs)
-                episode = infos["final_info"]["episode"]
-                for i in np.flatnonzero(infos["final_info"]["_episode"]):
-                    recent_returns.append(float(episode["r"][i]))
-                    writer.add_scalar("charts/episodic_return", episode["r"][i], global_step)
-                    writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)
+        next_obs, episodes = collect_rollout(envs, agent, rollout, next_obs, device)
+        for step, episode_return, episode_length in episodes:
+            recent_returns.append(episode_return)
+            writer.add_scalar("charts/episodic_return", episode_return, global_step + (step + 1) * args.num_envs)
+            writer.add_scalar("charts/episodic_length", episode_length, global_step + (step + 1) * args.num_envs)
+        global_step += args.num_steps * args.num_envs
 
         with torch.no_grad():
             next_value = agent.get_value(next_obs)
-        # V(s_{t+1}): the next row inside an episode, V(final_obs) across an episode end, V(next_obs) after the last row.
-        next_values = torch.cat([values[1:], next_value.unsqueeze(0)])
-        next_values = torch.where(episode_ends.bool(), final_values, next_values)
-        advantages, returns = compute_gae(rewards, values, next_values, terminations, episode_ends,
-                                          args.gamma, args.gae_lambda)
+        advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.terminations, rollout.truncations,
+                                          rollout.final_values, next_value, args.gamma, args.gae_lambda)
 
-        b_obs = obs.reshape((-1,) + envs.single_observation_space.shape)
-        b_actions, b_logprobs, b_values = actions.reshape(-1), logprobs.reshape(-1), values.reshape(-1)
+        # Flatten the rollout into one batch of num_steps * num_envs samples.
+        b_obs = rollout.obs.reshape((-1,) + envs.single_observation_space.shape)
+        b_actions, b_logprobs, b_values = rollout.actions.reshape(-1), rollout.logprobs.reshape(-1), rollout.values.reshape(-1)
         b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
 
         clipfracs = []

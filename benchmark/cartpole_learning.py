@@ -1,0 +1,84 @@
+"""CartPole-v1: steps and wall time until the mean of the last 20 training episodes reaches 475, per seed, for our
+defaults and, side by side in the same run, for CleanRL ppo.py's default hyperparameters run through the same script.
+
+    python benchmark/cartpole_learning.py                 # 5 seeds each, ~6 min on 2 cores
+    python benchmark/cartpole_learning.py --seeds 1 2 --configs ours
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tbcurves import first_crossing, load_curve  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {
+    "ours": [],
+    # CleanRL ppo.py's defaults (cleanrl/ppo.py, v1.x), with its default torch thread count.
+    "cleanrl-defaults": [
+        "--total-timesteps", "500000", "--learning-rate", "2.5e-4", "--num-envs", "4", "--num-steps", "128",
+        "--num-minibatches", "4", "--update-epochs", "4", "--ent-coef", "0.01", "--torch-threads",
+        str(os.cpu_count()), "--log-interval", "1000",
+    ],
+}
+
+
+def run_seed(config: str, seed: int, runs_dir: str) -> dict:
+    command = [sys.executable, os.path.join(ROOT, "ppo_cartpole.py"), "--seed", str(seed), "--runs-dir", runs_dir,
+               "--exp-name", config, *CONFIGS[config]]
+    start = time.time()
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    wall = time.time() - start
+    run_dir = os.path.dirname(re.search(r"saved (\S+)", output).group(1))
+    curve = load_curve(run_dir)
+    crossing = first_crossing(curve, threshold=475, window=20)
+    evaluation = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "ppo_cartpole.py"), "--eval-checkpoint", os.path.join(run_dir, "model.pt"),
+         "--eval-episodes", "10"], check=True, capture_output=True, text=True).stdout
+    eval_mean = float(re.search(r"return ([\d.]+) ±", evaluation).group(1))
+    sps = int(curve.steps[-1] / curve.seconds[-1])
+    return {"config": config, "seed": seed, "solve_step": crossing and crossing[0], "solve_seconds": crossing and crossing[1],
+            "total_seconds": wall, "sps": sps, "eval": eval_mean}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as runs_dir:
+        for config in args.configs:
+            for seed in args.seeds:
+                row = run_seed(config, seed, runs_dir)
+                rows.append(row)
+                print(f"{config:17s} seed {seed}: solved at "
+                      + (f"{row['solve_step']:>7,} steps, {row['solve_seconds']:5.1f} s" if row["solve_step"] else "   never")
+                      + f"  | {row['sps']:,} SPS, greedy eval {row['eval']:.1f}", flush=True)
+
+    print("\n| config | seeds solved (mean-of-20 >= 475) | steps to solve (min-max) | seconds to solve (mean, max) | SPS | greedy eval (10 ep) |")
+    print("|-|-|-|-|-|-|")
+    summary = {}
+    for config in args.configs:
+        group = [r for r in rows if r["config"] == config]
+        solved = [r for r in group if r["solve_step"]]
+        steps = [r["solve_step"] for r in solved]
+        seconds = [r["solve_seconds"] for r in solved]
+        summary[config] = np.mean(seconds) if seconds else None
+        print(f"| {config} | {len(solved)}/{len(group)} | "
+              + (f"{min(steps):,}-{max(steps):,} | {np.mean(seconds):.1f}, {max(seconds):.1f} | " if solved else "- | - | ")
+              + f"{int(np.mean([r['sps'] for r in group])):,} | {np.mean([r['eval'] for r in group]):.1f} |")
+    if summary.get("ours") and summary.get("cleanrl-defaults"):
+        print(f"\nwall time to solve, cleanrl-defaults / ours: {summary['cleanrl-defaults'] / summary['ours']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""ppo_cartpole.py on real CartPole: GAE, the losses, autoreset, a real run, learning, and bad input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.signal
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import ppo_cartpole
+from ppo_cartpole import Agent, Args, Rollout, collect_rollout, compute_gae, make_vector_env, policy_loss, value_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLEANRL_KEYS = [
+    "charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS", "losses/value_loss",
+    "losses/policy_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl", "losses/clipfrac",
+    "losses/explained_variance",
+]
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "ppo_cartpole.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+# ----------------------------------------------------------------------------------------------------------- GAE
+
+def discounted_cumsum(x, discount):
+    """y[t] = sum_k discount^k x[t+k], by a linear filter run backwards."""
+    return scipy.signal.lfilter([1], [1, -discount], x[::-1])[::-1]
+
+
+def reference_gae(rewards, values, terminations, truncations, final_values, next_value, gamma, lam):
+    """Per environment, per episode segment: TD errors with the right bootstrap, then a discounted sum over the segment."""
+    num_steps, num_envs = rewards.shape
+    advantages = np.zeros_like(rewards)
+    for env in range(num_envs):
+        segment_start = 0
+        for t in range(num_steps):
+            ended = terminations[t, env] or truncations[t, env]
+            if not ended and t < num_steps - 1:
+                continue
+            segment = range(segment_start, t + 1)
+            deltas = []
+            for k in segment:
+                if k < t:
+                    next_v = values[k + 1, env]
+                elif terminations[k, env]:
+                    next_v = 0.0
+                elif truncations[k, env]:
+                    next_v = final_values[k, env]
+                else:  # the rollout's last step, mid-episode
+                    next_v = next_value[env]
+                deltas.append(rewards[k, env] + gamma * next_v - values[k, env])
+            advantages[segment_start:t + 1, env] = discounted_cumsum(np.array(deltas), gamma * lam)
+            segment_start = t + 1
+    return advantages
+
+
+def test_gae_matches_an_independent_per_episode_computation():
+    rng = np.random.default_rng(0)
+    num_steps, num_envs, gamma, lam = 16, 4, 0.97, 0.9
+    rewards = rng.normal(size=(num_steps, num_envs))
+    values = rng.normal(size=(num_steps, num_envs))
+    terminations = np.zeros((num_steps, num_envs))
+    truncations = np.zeros((num_steps, num_envs))
+    terminations[3, 0] = terminations[10, 0] = 1  # two episodes end mid-rollout in env 0
+    truncations[5, 1] = 1                           # a time-limit truncation that must bootstrap
+    terminations[7, 2] = truncations[7, 2] = 1      # both at once: termination wins, no bootstrap
+    truncations[num_steps - 1, 3] = 1               # truncated on the rollout's last step
+    final_values = np.where(truncations == 1, rng.normal(size=(num_steps, num_envs)), 0.0)
+    next_value = rng.normal(size=num_envs)
+
+    t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+    advantages, returns = compute_gae(t(rewards), t(values), t(terminations), t(truncations), t(final_values),
+                                      t(next_value), gamma, lam)
+    expected = reference_gae(rewards, values, terminations, truncations, final_values, next_value, gamma, lam)
+    np.testing.assert_allclose(advantages.numpy(), expected, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(returns.numpy(), expected + values, rtol=1e-10, atol=1e-10)
+
+
+def test_gae_truncation_bootstraps_and_termination_does_not():
+    # One step, reward 1, V(s)=0, V(final)=10: truncation gives 1 + gamma*10, termination gives 1.
+    ones, zeros = torch.ones(1, 1), torch.zeros(1, 1)
+    final_values = torch.full((1, 1), 10.0)
+    truncated, _ = compute_gae(ones, zeros, zeros, ones, final_values, torch.zeros(1), 0.9, 0.95)
+    terminated, _ = compute_gae(ones, zeros, ones, zeros, final_values, torch.zeros(1), 0.9, 0.95)
+    assert truncated.item() == pytest.approx(1 + 0.9 * 10)
+    assert terminated.item() == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------- losses
+
+def test_policy_loss_on_hand_worked_numbers():
+    # ratio = exp(new - old); eps = 0.2; per sample min(r A, clip(r) A):
+    #   A= 2, r=1.5 -> min(3.0, 2.4)   =  2.4  (clipped: no gradient)
+    #   A=-1, r=1.5 -> min(-1.5, -1.2) = -1.5  (unclipped side is lower: gradient flows)
+    #   A= 1, r=0.5 -> min(0.5, 0.8)   =  0.5  (unclipped)
+    #   A=-2, r=0.9 -> inside the range  = -1.8
+    # loss = -(2.4 - 1.5 + 0.5 - 1.8) / 4 = 0.1
+    advantages = torch.tensor([2.0, -1.0, 1.0, -2.0])
+    old_logprob = torch.zeros(4)
+    new_logprob = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.9])).requires_grad_()
+    loss = policy_loss(new_logprob, old_logprob, advantages, clip_coef=0.2)
+    assert loss.item() == pytest.approx(0.1, abs=1e-6)
+    loss.backward()
+    # d loss / d logprob = -A r / 4 where the unclipped term is the minimum, else 0.
+    np.testing.assert_allclose(new_logprob.grad.numpy(), [0.0, 0.375, -0.125, 0.45], atol=1e-6)
+
+
+def test_value_loss_on_hand_worked_numbers():
+    new_values, old_values, returns = torch.tensor([1.0, 3.0]), torch.tensor([0.0, 2.5]), torch.tensor([2.0, 2.0])
+    # Unclipped: 0.5 * mean((1-2)^2, (3-2)^2) = 0.5
+    assert value_loss(new_values, old_values, returns).item() == pytest.approx(0.5)
+    # Clipped predictions: 0 + clip(1, -.2, .2) = 0.2 -> (0.2-2)^2 = 3.24; 2.5 + 0.2 = 2.7 -> 0.49.
+    # Pessimistic max per sample: 3.24 and 1.0 -> 0.5 * mean = 1.06
+    assert value_loss(new_values, old_values, returns, clip_coef=0.2).item() == pytest.approx(1.06)
+
+
+# ----------------------------------------------------------------------------------------------------------- autoreset
+
+def test_no_stored_transition_crosses_an_episode_boundary():
+    args = Args(num_envs=4, num_steps=300, seed=3)
+    envs = make_vector_env(args)
+    agent = Agent(4, 2)  # untrained: episodes of ~10-40 steps, so many end inside the rollout
+    rollout = Rollout.empty(args.num_steps, args.num_envs, (4,), "cpu")
+    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs, episodes = collect_rollout(envs, agent, rollout, torch.as_tensor(next_obs), "cpu")
+    envs.close()
+
+    obs = rollout.obs.numpy()
+    ends = (rollout.terminations + rollout.truncations).numpy() > 0
+    assert ends.sum() >= 20 and len(episodes) == ends.sum()
+    # CartPole's Euler step: x' = x + 0.02 * x_dot. Inside an episode the next stored observation follows from the
+    # previous one; after an episode end it is a fresh reset state (every component within +-0.05) instead.
+    continues = np.abs(obs[1:, :, 0] - (obs[:-1, :, 0] + 0.02 * obs[:-1, :, 1])) < 1e-5
+    np.testing.assert_array_equal(continues, ~ends[:-1])
+    assert np.all(np.abs(obs[1:][ends[:-1]]) <= 0.05)
+    # Every stored transition is a real one: CartPole pays 1 per step, a NEXT_STEP reset step would pay 0.
+    assert torch.all(rollout.rewards == 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------- a real run
+
+def test_short_run_logs_cleanrl_keys_saves_a_model_and_eval_plays_it(tmp_path):
+    result = run_cli("--total-timesteps", "2048", "--runs-dir", str(tmp_path), "--seed", "7")
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = tmp_path.iterdir()
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    assert set(CLEANRL_KEYS) <= set(events.Tags()["scalars"])
+    assert "hyperparameters/text_summary" in events.Tags()["tensors"]
+    steps = [e.step for e in events.Scalars("charts/SPS")]
+    assert steps == [256 * i for i in range(1, 9)]
+    episode_lengths = [e.value for e in events.Scalars("charts/episodic_length")]
+    assert len(episode_lengths) >= 20 and all(length >= 8 for length in episode_lengths)
+
+    video = tmp_path / "episode.gif"
+    result = run_cli("--eval-checkpoint", str(run_dir / "model.pt"), "--eval-episodes", "3", "--video-path", str(video))
+    assert result.returncode == 0, result.stderr
+    assert "CartPole-v1: 3 greedy episodes, return" in result.stdout
+    assert video.stat().st_size > 10_000
+
+
+def test_a_short_run_learns(tmp_path):
+    # Random play averages ~22; the defaults reach 500 by ~25-40k steps on the seeds we measured.
+    args = Args(total_timesteps=40_000, seed=1, runs_dir=str(tmp_path))
+    run_dir = ppo_cartpole.main(args)
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    returns = [e.value for e in events.Scalars("charts/episodic_return")]
+    assert np.mean(returns[-20:]) >= 200, returns[-20:]
+
+    agent = ppo_cartpole.load_checkpoint(os.path.join(run_dir, "model.pt"), "CartPole-v1", "cpu")
+    greedy_returns = ppo_cartpole.evaluate(agent, args, "cpu", episodes=3)
+    assert np.mean(greedy_returns) >= 200, greedy_returns
+
+
+# ----------------------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("cli_args, message", [
+    (["--env-id", "CartPol-v1"], "unknown env id 'CartPol-v1'; did you mean CartPole-v1"),
+    (["--env-id", "Pendulum-v1"], "Pendulum-v1 has a Box action space; this PPO needs a Discrete one"),
+    (["--num-minibatches", "3"], "--num-minibatches 3 does not divide the batch of 256"),
+    (["--num-envs", "0"], "--num-envs must be positive, got 0"),
+    (["--learning-rate", "-1e-3"], "--learning-rate must be positive, got -0.001"),
+    (["--total-timesteps", "100"], "--total-timesteps 100 is smaller than one batch of 256"),
+    (["--eval-checkpoint", "/nonexistent/model.pt"], "no checkpoint at /nonexistent/model.pt"),
+])
+def test_bad_input_gets_one_clear_line(cli_args, message):
+    result = run_cli(*cli_args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip().removeprefix('error: ')}"]
+    assert message in result.stderr
+
+
+def test_bad_checkpoints_are_refused_clearly(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    result = run_cli("--eval-checkpoint", str(corrupt))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "the file is truncated or not a checkpoint" in result.stderr
+
+    assert run_cli("--total-timesteps", "256", "--runs-dir", str(tmp_path / "runs")).returncode == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    result = run_cli("--eval-checkpoint", str(run_dir / "model.pt"), "--env-id", "Acrobot-v1")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "is for CartPole-v1 (observations [4], 2 actions), not Acrobot-v1 (observations [6], 3 actions)" in result.stderr
+
+
+def test_cuda_without_a_gpu_warns_and_trains_on_cpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = run_cli("--cuda", "--total-timesteps", "256", "--runs-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "warning: --cuda given but no CUDA device is available; training on CPU" in result.stderr
