@@ -1,0 +1,781 @@
+"""PPO (clipped surrogate, GAE) with a CNN on Super Mario Bros, in one file.
+
+Read top to bottom in the order of the algorithm:
+  Args -> environments (emulator, joypad, gymnasium preprocessing, reward) -> agent -> rollout -> GAE -> PPO losses
+  -> training loop -> evaluation.
+
+    python ppo_mario.py --env-id SuperMarioBros-1-1-v0 --cuda
+    python ppo_mario.py --eval-checkpoint runs/<run_name>/model.pt --eval-episodes 10
+    python ppo_mario.py --env-id ALE/Breakout-v5       # the same PPO on Atari, to compare with published curves
+
+gym-super-mario-bros comes in two lines: 7.4 (Python < 3.13, old gym API, adapted here with shimmy) and 9.x
+(Python >= 3.13, gymnasium-native). The installed one is picked at run time.
+"""
+
+import contextlib
+import difflib
+import importlib.metadata
+import io
+import os
+import random
+import re
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import cv2
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from gymnasium.vector import AutoresetMode
+from torch.distributions.categorical import Categorical
+from torch.utils.tensorboard import SummaryWriter
+
+DEFAULT_ENV_ID = "SuperMarioBros-1-1-v0"
+
+
+@dataclass
+class Args:
+    exp_name: str = "ppo_mario"
+    """the name of this experiment; the first part of the run name"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """make cuDNN pick deterministic algorithms"""
+    cuda: bool = False
+    """train on the GPU when one is available (a warning, then CPU, when not)"""
+    runs_dir: str = "runs"
+    """TensorBoard logs, checkpoints and videos go to <runs_dir>/<run_name>/"""
+    save_interval: int = 25
+    """write the checkpoint every this many iterations (and at the end)"""
+    capture_video: bool = False
+    """write a video of a greedy evaluation episode every video_interval iterations"""
+    video_interval: int = 50
+    """iterations between evaluation videos with --capture-video"""
+
+    # Environment
+    env_id: str | None = None
+    """SuperMarioBros-<world>-<stage>-v<0..3>, SuperMarioBros-v0, SuperMarioBrosRandomStages-v0, SuperMarioBros2-...
+    or an ALE id such as ALE/Breakout-v5 (default SuperMarioBros-1-1-v0; in evaluation, the checkpoint's)"""
+    action_set: Literal["right_only", "simple", "complex"] = "simple"
+    """joypad button combinations the agent picks from (in evaluation the checkpoint's is used)"""
+    num_envs: int = max(2, min(16, os.cpu_count() or 2))
+    """parallel environments (default: one per CPU core, 2 to 16)"""
+    sync_envs: bool = False
+    """step the environments in this process (SyncVectorEnv) instead of one process each (AsyncVectorEnv)"""
+    stuck_timeout: int = 0
+    """truncate an episode after this many agent steps without new rightward progress (0: off)"""
+    # Reward shaping on the 7.4 line, after uvipen/Super-mario-bros-PPO-pytorch, which clears 1-1 with it: the env's
+    # reward is x progress, a time penalty and -15 on death; the flag bonus makes finishing the stage the dominant
+    # signal, the death penalty makes pits costly, the score term pays for stomping enemies, and the scale keeps
+    # value targets near 1 so the value loss does not swamp the policy loss. The 9.x reward already holds score,
+    # completion and death terms (clipped to +-15), so there only reward_scale applies.
+    flag_bonus: float = 50.0
+    """added when Mario reaches the flag (7.4 line only)"""
+    death_penalty: float = 50.0
+    """subtracted when Mario dies (7.4 line only)"""
+    score_coef: float = 1 / 40
+    """times the in-game score gained in a step (7.4 line only)"""
+    reward_scale: float = 0.1
+    """multiplies the whole reward the agent learns from (episodic_return logs the env's own reward)"""
+
+    # Algorithm
+    total_timesteps: int = 5_000_000
+    """total agent steps (each is 4 emulator frames) to train for"""
+    learning_rate: float = 2.5e-4
+    """Adam learning rate at the start of training"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to zero over the run"""
+    num_steps: int = 512
+    """steps per environment per rollout; the batch is num_envs * num_steps"""
+    gamma: float = 0.9
+    """discount factor (short horizons suit Mario's dense progress reward)"""
+    gae_lambda: float = 0.95
+    """lambda of generalised advantage estimation"""
+    num_minibatches: int = 8
+    """minibatches the batch is split into per epoch"""
+    update_epochs: int = 4
+    """passes over the batch per update"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch"""
+    clip_coef: float = 0.2
+    """epsilon of the clipped surrogate (and of value clipping)"""
+    clip_vloss: bool = True
+    """clip the value update to clip_coef around the old value estimate"""
+    ent_coef: float = 0.01
+    """weight of the entropy bonus (keeps Mario trying jumps)"""
+    vf_coef: float = 0.5
+    """weight of the value loss"""
+    max_grad_norm: float = 0.5
+    """clip the global gradient norm to this"""
+    target_kl: float | None = None
+    """stop the epochs of an update early when the approximate KL passes this"""
+
+    # Evaluation
+    eval_checkpoint: str | None = None
+    """play a saved model instead of training"""
+    eval_episodes: int = 10
+    """episodes to play in evaluation"""
+    eval_sample: bool = False
+    """sample actions from the policy in evaluation instead of taking the most likely one"""
+    eval_noop_max: int = 30
+    """start each evaluation episode with up to this many random no-op steps, so greedy episodes differ"""
+    video_path: str | None = None
+    """in evaluation, write the first episode to this .mp4 or .gif (default: beside the checkpoint)"""
+
+
+def fail(message: str):
+    """Stop with one line that says what is wrong and how to fix it (no traceback)."""
+    sys.exit(f"error: {message}")
+
+
+def validate_args(args: Args):
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes",
+                 "save_interval", "video_interval"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("learning_rate", "clip_coef", "max_grad_norm", "reward_scale"):
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.stuck_timeout < 0 or args.eval_noop_max < 0:
+        fail("--stuck-timeout and --eval-noop-max must be 0 or more")
+    if not 0 < args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
+        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
+    if args.target_kl is not None and not args.target_kl > 0:
+        fail(f"--target-kl must be positive, got {args.target_kl}")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches:
+        fail(f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} "
+             f"(num_envs * num_steps); pick a divisor of {batch_size}")
+    if args.eval_checkpoint is None and args.total_timesteps < batch_size:
+        fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {batch_size} "
+             f"(num_envs * num_steps); raise it or shrink the batch")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------------------------------------------------
+
+def smb_version() -> str:
+    return importlib.metadata.version("gym-super-mario-bros")
+
+
+def is_gymnasium_native() -> bool:
+    """True for the 9.x line (gymnasium API), False for 7.4 (old gym API)."""
+    return int(smb_version().split(".")[0]) >= 9
+
+
+def import_smb():
+    """gym_super_mario_bros (importing it registers its ids). On the 7.4 line that imports the unmaintained gym, whose
+    import-time notice is silenced: gym is only nes-py's base class and registry here, and shimmy adapts its API."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        import gym_super_mario_bros
+    return gym_super_mario_bros
+
+
+def mario_env_ids() -> list[str]:
+    """Every id the installed gym-super-mario-bros registers."""
+    import_smb()
+    if is_gymnasium_native():
+        registry = gym.registry
+    else:
+        import gym as old_gym
+        registry = old_gym.envs.registry
+    return sorted(env_id for env_id in registry if env_id.startswith("SuperMarioBros"))
+
+
+def summarize_ids(env_ids: list[str]) -> str:
+    """'SuperMarioBros-<world>-<stage>-v0..v3, SuperMarioBros-v0..v3, ...': the id families, compactly."""
+    versions = {}
+    for env_id in env_ids:
+        family, version = re.sub(r"(?<=[A-Za-z-])[1-9A-D]-[1-4](?=-v)", "<world>-<stage>", env_id).rsplit("-v", 1)
+        versions.setdefault(family, set()).add(int(version))
+    return ", ".join(f"{family}-v{min(v)}" + (f"..v{max(v)}" if len(v) > 1 else "") for family, v in versions.items())
+
+
+def check_env_id(env_id: str):
+    """Stop with the ids that do exist when env_id is not one of them."""
+    if env_id.startswith("ALE/"):
+        import ale_py
+        gym.register_envs(ale_py)
+        if env_id not in gym.registry:
+            close = difflib.get_close_matches(env_id, [k for k in gym.registry if k.startswith("ALE/")], n=3)
+            fail(f"unknown Atari id '{env_id}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        return
+    env_ids = mario_env_ids()
+    if env_id not in env_ids:
+        close = difflib.get_close_matches(env_id, env_ids, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        fail(f"'{env_id}' is not an id of the installed gym-super-mario-bros {smb_version()}; {hint}"
+             f"it has {summarize_ids(env_ids)} (or use an ALE/ id)")
+
+
+def joypad_actions(action_set: str) -> list[list[str]]:
+    import_smb()
+    from gym_super_mario_bros import actions
+
+    return {"right_only": actions.RIGHT_ONLY, "simple": actions.SIMPLE_MOVEMENT, "complex": actions.COMPLEX_MOVEMENT}[action_set]
+
+
+def make_mario_base_env(env_id: str, action_set: str, render: bool):
+    """The emulator with a Discrete joypad action space, as a gymnasium env (frames are 240x256x3 uint8)."""
+    gym_super_mario_bros = import_smb()
+    from nes_py.wrappers import JoypadSpace
+
+    render_mode = "rgb_array" if render else None
+    if is_gymnasium_native():
+        return JoypadSpace(gym.make(env_id, render_mode=render_mode), joypad_actions(action_set))
+    # 7.4: build the env class from its old-gym registration directly (gym.make would add 0.26-API wrappers that
+    # nes-py 8 does not speak), then let shimmy translate the gym 0.21 API to gymnasium's.
+    import gym as old_gym
+    import shimmy
+
+    spec = old_gym.envs.registry[env_id]
+    env_class = getattr(gym_super_mario_bros, spec.entry_point.split(":")[1])
+    env = JoypadSpace(env_class(**spec.kwargs), joypad_actions(action_set))
+    return shimmy.GymV21CompatibilityV0(env=env, render_mode=render_mode)
+
+
+class TrackProgress(gym.Wrapper):
+    """Adds info["max_x_pos"], the farthest x of the episode so far; with stuck_timeout > 0, truncates the episode
+    after that many steps without a new farthest x (a truncation: the value of the state still counts)."""
+
+    def __init__(self, env, stuck_timeout: int = 0):
+        super().__init__(env)
+        self.stuck_timeout = stuck_timeout
+
+    def reset(self, **kwargs):
+        self.max_x_pos, self.steps_without_progress = 0, 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if info["x_pos"] > self.max_x_pos:
+            self.max_x_pos, self.steps_without_progress = info["x_pos"], 0
+        else:
+            self.steps_without_progress += 1
+        info["max_x_pos"] = self.max_x_pos
+        if self.stuck_timeout and self.steps_without_progress >= self.stuck_timeout:
+            truncated = True
+        return obs, reward, terminated, truncated, info
+
+
+class ShapeReward(gym.Wrapper):
+    """reward_scale * (env reward + score_coef * score gained + flag_bonus at the flag - death_penalty at a death).
+    With add_terms=False (the 9.x line, whose reward has these terms already) only the scale applies."""
+
+    def __init__(self, env, flag_bonus: float, death_penalty: float, score_coef: float, reward_scale: float,
+                 add_terms: bool):
+        super().__init__(env)
+        self.flag_bonus, self.death_penalty, self.score_coef = flag_bonus, death_penalty, score_coef
+        self.reward_scale, self.add_terms = reward_scale, add_terms
+
+    def reset(self, **kwargs):
+        self.last_score, self.flag_paid = 0, False
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if self.add_terms:
+            reward += self.score_coef * (info["score"] - self.last_score)
+            self.last_score = info["score"]
+            if info["flag_get"] and not self.flag_paid:  # the flag stays set for a few steps: pay once
+                reward += self.flag_bonus
+                self.flag_paid = True
+            elif terminated and not info["flag_get"]:
+                reward -= self.death_penalty
+        return obs, self.reward_scale * reward, terminated, truncated, info
+
+
+def make_env(args: Args, render: bool = False):
+    """A thunk for the vector env. Observations are uint8 stacks of 4 grayscale 84x84 frames, one agent step per 4
+    emulator frames; info["episode"] at an episode's end holds the env's own (unshaped) return and its length."""
+    def thunk():
+        if args.env_id.startswith("ALE/"):
+            import ale_py
+            gym.register_envs(ale_py)
+            # The preprocessing of CleanRL's ppo_atari (no-op starts, skip 4 with max-pooling, 84x84 grayscale, reward
+            # sign), so curves compare with theirs; the frame skip lives in the wrapper, not the env.
+            env = gym.make(args.env_id, frameskip=1, render_mode="rgb_array" if render else None)
+            env = gym.wrappers.RecordEpisodeStatistics(env)
+            env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84)
+            env = gym.wrappers.TransformReward(env, lambda r: float(np.sign(r)))
+            return gym.wrappers.FrameStackObservation(env, 4)
+        env = make_mario_base_env(args.env_id, args.action_set, render)
+        # Repeat each action 4 frames; the observation is the max of the last two (sprites flicker between frames).
+        # The max is written into a new array, so nes-py's reused screen buffer is never kept.
+        env = gym.wrappers.MaxAndSkipObservation(env, skip=4)
+        env = TrackProgress(env, args.stuck_timeout)
+        env = gym.wrappers.RecordEpisodeStatistics(env)
+        env = ShapeReward(env, args.flag_bonus, args.death_penalty, args.score_coef, args.reward_scale,
+                          add_terms=not is_gymnasium_native())
+        env = gym.wrappers.GrayscaleObservation(env)
+        env = gym.wrappers.ResizeObservation(env, (84, 84))
+        return gym.wrappers.FrameStackObservation(env, 4)
+    return thunk
+
+
+def make_vector_env(args: Args):
+    # SAME_STEP autoreset: the step that ends an episode already returns the next episode's first observation, and the
+    # ended episode's last one comes in info["final_obs"]. Every stored transition is then a real one (Gymnasium's
+    # default NEXT_STEP mode would insert a reset step whose action is ignored), and truncated episodes can bootstrap.
+    vector_cls = gym.vector.SyncVectorEnv if args.sync_envs else gym.vector.AsyncVectorEnv
+    return vector_cls([make_env(args) for _ in range(args.num_envs)], autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Agent: the Nature-DQN CNN trunk shared by an actor head and a critic head
+# ---------------------------------------------------------------------------------------------------------------------
+
+def layer_init(layer, std: float = np.sqrt(2), bias_const: float = 0.0):
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    def __init__(self, in_channels: int, num_actions: int):
+        super().__init__()
+        self.trunk = nn.Sequential(
+            layer_init(nn.Conv2d(in_channels, 32, 8, stride=4)), nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+            layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
+            nn.Flatten(),
+            layer_init(nn.Linear(64 * 7 * 7, 512)), nn.ReLU(),
+        )
+        self.actor = layer_init(nn.Linear(512, num_actions), std=0.01)  # near-uniform initial policy
+        self.critic = layer_init(nn.Linear(512, 1), std=1.0)
+
+    def features(self, obs):
+        # Observations stay uint8 everywhere else (4x less memory than float32); scaled here, on the device.
+        return self.trunk(obs.float() / 255.0)
+
+    def get_value(self, obs):
+        return self.critic(self.features(obs)).squeeze(-1)
+
+    def get_action_and_value(self, obs, action=None):
+        hidden = self.features(obs)
+        dist = Categorical(logits=self.actor(hidden))
+        if action is None:
+            action = dist.sample()
+        return action, dist.log_prob(action), dist.entropy(), self.critic(hidden).squeeze(-1)
+
+    def action_probs(self, obs):
+        return self.actor(self.features(obs)).softmax(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rollout: num_steps transitions from each environment with the current policy
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """Storage for one rollout, one row per step; every tensor is [num_steps, num_envs, ...]."""
+    obs: torch.Tensor  # uint8
+    actions: torch.Tensor
+    logprobs: torch.Tensor
+    rewards: torch.Tensor
+    terminations: torch.Tensor
+    truncations: torch.Tensor
+    values: torch.Tensor
+    final_values: torch.Tensor  # V(final observation) where an episode was truncated, else 0
+
+    @classmethod
+    def empty(cls, num_steps: int, num_envs: int, obs_shape: tuple, device):
+        shape = (num_steps, num_envs)
+        tensors = {f.name: torch.zeros(shape, device=device) for f in fields(cls) if f.name not in ("obs", "actions")}
+        return cls(obs=torch.zeros(shape + obs_shape, dtype=torch.uint8, device=device),
+                   actions=torch.zeros(shape, dtype=torch.long, device=device), **tensors)
+
+
+EPISODE_KEYS = ("x_pos", "max_x_pos", "flag_get", "world", "stage")
+
+
+def collect_rollout(envs, agent, rollout: Rollout, next_obs, device):
+    """Fill `rollout` by stepping `envs` from `next_obs`. Returns the observation to continue from and the finished
+    episodes as (step index, {"return", "length", and for Mario x_pos, max_x_pos, flag_get, world, stage})."""
+    episodes = []
+    for step in range(rollout.obs.shape[0]):
+        rollout.obs[step] = next_obs
+        with torch.no_grad():
+            action, logprob, _, value = agent.get_action_and_value(next_obs)
+        rollout.actions[step], rollout.logprobs[step], rollout.values[step] = action, logprob, value
+
+        next_obs, reward, terminated, truncated, infos = envs.step(action.cpu().numpy())
+        rollout.rewards[step] = torch.as_tensor(reward, device=device)
+        rollout.terminations[step] = torch.as_tensor(terminated, device=device)
+        rollout.truncations[step] = torch.as_tensor(truncated, device=device)
+        next_obs = torch.as_tensor(next_obs, device=device)
+
+        rollout.final_values[step] = 0.0
+        if "final_obs" in infos:  # some episode ended this step; next_obs already holds the new episode's start
+            bootstrap = np.flatnonzero(truncated & ~terminated)
+            if len(bootstrap):
+                final_obs = torch.as_tensor(np.stack(infos["final_obs"][bootstrap]), device=device)
+                with torch.no_grad():
+                    rollout.final_values[step, bootstrap] = agent.get_value(final_obs)
+            final_info = infos["final_info"]
+            for i in np.flatnonzero(final_info["_episode"]):
+                episode = {"return": float(final_info["episode"]["r"][i]), "length": int(final_info["episode"]["l"][i])}
+                episode.update({key: float(final_info[key][i]) for key in EPISODE_KEYS if key in final_info})
+                episodes.append((step, episode))
+    return next_obs, episodes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generalised advantage estimation
+# ---------------------------------------------------------------------------------------------------------------------
+
+def compute_gae(rewards, values, terminations, truncations, final_values, next_value, gamma, gae_lambda):
+    """Advantages and returns of a rollout. rewards, values, terminations, truncations and final_values are
+    [num_steps, num_envs]; final_values holds V(final observation) where an episode was truncated; next_value is
+    V(next_obs), the state after the last row.
+
+        V(s_{t+1}) = values[t+1] inside an episode, final_values[t] after a truncation, next_value after the last row
+        delta_t    = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)        (TD error)
+        A_t        = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}             (GAE, cut at every episode end)
+        R_t        = A_t + V(s_t)                                                   (lambda-return: the value target)
+
+    A truncated episode (the stuck time-out) keeps its bootstrap term instead of being scored like a death, and like
+    a terminated one it stops the sum, so no advantage reaches into the next episode.
+    """
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        next_values = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        next_values = torch.where(truncations[t].bool(), final_values[t], next_values)
+        done = torch.maximum(terminations[t], truncations[t])
+        delta = rewards[t] + gamma * (1.0 - terminations[t]) * next_values - values[t]
+        next_advantage = delta + gamma * gae_lambda * (1.0 - done) * next_advantage
+        advantages[t] = next_advantage
+    return advantages, advantages + values
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PPO losses
+# ---------------------------------------------------------------------------------------------------------------------
+
+def policy_loss(new_logprob, old_logprob, advantages, clip_coef):
+    """Clipped surrogate, negated for gradient descent:
+
+        r_t(theta) = pi_theta(a_t|s_t) / pi_theta_old(a_t|s_t)
+        L^CLIP     = E[ min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) ]
+    """
+    ratio = (new_logprob - old_logprob).exp()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef) * advantages
+    return -torch.min(unclipped, clipped).mean()
+
+
+def value_loss(new_values, old_values, returns, clip_coef=None):
+    """0.5 * squared error to the lambda-return; with clip_coef, the pessimistic max of the plain and the clipped error,
+    where the clipped prediction moves at most clip_coef away from the value recorded in the rollout."""
+    unclipped = (new_values - returns) ** 2
+    if clip_coef is None:
+        return 0.5 * unclipped.mean()
+    clipped_values = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
+    clipped = (clipped_values - returns) ** 2
+    return 0.5 * torch.max(unclipped, clipped).mean()
+
+
+def normalize_advantages(advantages):
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+
+def pick_device(want_cuda: bool):
+    if want_cuda and not torch.cuda.is_available():
+        print("warning: --cuda given but no CUDA device is available; training on CPU", file=sys.stderr)
+    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int, torch_deterministic: bool):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+
+
+def save_checkpoint(path: str, agent: Agent, optimizer, args: Args, global_step: int, iteration: int, envs):
+    """Atomically: a half-written file never replaces a good one."""
+    checkpoint = {
+        "model": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "global_step": global_step,
+        "iteration": iteration,
+        "args": asdict(args),
+        "env_id": args.env_id,
+        "action_set": args.action_set,
+        "obs_shape": list(envs.single_observation_space.shape),
+        "num_actions": int(envs.single_action_space.n),
+    }
+    tmp_path = f"{path}.tmp"
+    torch.save(checkpoint, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def make_run_dir(args: Args) -> tuple[str, str]:
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.runs_dir, run_name)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(run_dir, ".write_test"))
+    except OSError as e:
+        fail(f"cannot write the run directory {run_dir} ({e.strerror}); pass a writable --runs-dir")
+    return run_name, run_dir
+
+
+def log_episodes(writer, episodes, global_step: int, num_envs: int, recent: dict):
+    """Each finished episode at the step it ended; for Mario also where it got and whether it reached the flag."""
+    for step, episode in episodes:
+        at_step = global_step + (step + 1) * num_envs
+        writer.add_scalar("charts/episodic_return", episode["return"], at_step)
+        writer.add_scalar("charts/episodic_length", episode["length"], at_step)
+        recent["return"].append(episode["return"])
+        if "x_pos" in episode:
+            recent["x_pos"].append(episode["x_pos"])
+            recent["flag_get"].append(episode["flag_get"])
+            writer.add_scalar("mario/x_pos", episode["x_pos"], at_step)
+            writer.add_scalar("mario/max_x_pos", episode["max_x_pos"], at_step)
+            writer.add_scalar("mario/flag_get", np.mean(recent["flag_get"]), at_step)
+            writer.add_scalar("mario/world", episode["world"], at_step)
+            writer.add_scalar("mario/stage", episode["stage"], at_step)
+
+
+def train(args: Args) -> str:
+    """Train; returns the run directory (TensorBoard events, model.pt, videos)."""
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
+
+    run_name, run_dir = make_run_dir(args)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    seed_everything(args.seed, args.torch_deterministic)
+    device = pick_device(args.cuda)
+
+    envs = make_vector_env(args)
+    obs_shape = envs.single_observation_space.shape
+    agent = Agent(obs_shape[0], envs.single_action_space.n).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    model_path = os.path.join(run_dir, "model.pt")
+
+    rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, device)
+    global_step = 0
+    recent = {"return": deque(maxlen=20), "x_pos": deque(maxlen=20), "flag_get": deque(maxlen=100)}
+    start_time = time.time()
+    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs = torch.as_tensor(next_obs, device=device)
+
+    for iteration in range(1, num_iterations + 1):
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations)
+
+        rollout_start = time.time()
+        next_obs, episodes = collect_rollout(envs, agent, rollout, next_obs, device)
+        rollout_sps = int(batch_size / (time.time() - rollout_start))
+        log_episodes(writer, episodes, global_step, args.num_envs, recent)
+        global_step += batch_size
+
+        with torch.no_grad():
+            next_value = agent.get_value(next_obs)
+        advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.terminations, rollout.truncations,
+                                          rollout.final_values, next_value, args.gamma, args.gae_lambda)
+
+        # Flatten the rollout into one batch of num_steps * num_envs samples.
+        b_obs = rollout.obs.reshape((-1,) + obs_shape)
+        b_actions, b_logprobs, b_values = rollout.actions.reshape(-1), rollout.logprobs.reshape(-1), rollout.values.reshape(-1)
+        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+
+        clipfracs = []
+        for epoch in range(args.update_epochs):
+            permutation = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb = permutation[start:start + minibatch_size]
+                _, new_logprob, entropy, new_value = agent.get_action_and_value(b_obs[mb], b_actions[mb])
+                with torch.no_grad():
+                    # Diagnostics: KL(old || new) estimators (http://joschu.net/blog/kl-approx.html) and clip rate.
+                    logratio = new_logprob - b_logprobs[mb]
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((logratio.exp() - 1) - logratio).mean()
+                    clipfracs.append(((logratio.exp() - 1.0).abs() > args.clip_coef).float().mean().item())
+
+                mb_advantages = normalize_advantages(b_advantages[mb]) if args.norm_adv else b_advantages[mb]
+                pg_loss = policy_loss(new_logprob, b_logprobs[mb], mb_advantages, args.clip_coef)
+                v_loss = value_loss(new_value, b_values[mb], b_returns[mb], args.clip_coef if args.clip_vloss else None)
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+
+        sps = int(global_step / (time.time() - start_time))
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        writer.add_scalar("charts/rollout_SPS", rollout_sps, global_step)
+
+        line = f"iter {iteration}/{num_iterations}  step {global_step}  SPS {sps} (rollout {rollout_sps})"
+        if recent["return"]:
+            line += f"  return(last 20) {np.mean(recent['return']):.1f}"
+        if recent["x_pos"]:
+            line += f"  x_pos {np.mean(recent['x_pos']):.0f}  flags {np.mean(recent['flag_get']):.0%}"
+        print(line, flush=True)
+
+        if iteration % args.save_interval == 0 or iteration == num_iterations:
+            save_checkpoint(model_path, agent, optimizer, args, global_step, iteration, envs)
+        if args.capture_video and (iteration % args.video_interval == 0 or iteration == num_iterations):
+            evaluate(agent, args, device, episodes=1,
+                     video_path=os.path.join(run_dir, "videos", f"iteration_{iteration:05d}.mp4"))
+
+    print(f"saved {model_path}")
+    envs.close()
+    writer.close()
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+
+def action_labels(args: Args, env) -> list[str]:
+    if args.env_id.startswith("ALE/"):
+        return env.unwrapped.get_action_meanings()
+    return ["+".join(buttons) for buttons in joypad_actions(args.action_set)]
+
+
+def draw_action_probs(frame: np.ndarray, probs: np.ndarray, labels: list[str], chosen: int) -> np.ndarray:
+    """The frame with a panel above it: one bar per action, its length the probability, the chosen one in green."""
+    row, width = 12, frame.shape[1]
+    panel = np.zeros((row * len(labels) + 4, width, 3), dtype=np.uint8)
+    label_width = 80
+    for i, (p, label) in enumerate(zip(probs, labels)):
+        y = 2 + row * i
+        color = (60, 220, 60) if i == chosen else (150, 150, 150)
+        cv2.rectangle(panel, (label_width, y + 2), (label_width + int(p * (width - label_width - 2)), y + row - 2), color, -1)
+        cv2.putText(panel, label[:13], (2, y + row - 3), cv2.FONT_HERSHEY_PLAIN, 0.7, (255, 255, 255), 1)
+    return np.vstack([panel, frame])
+
+
+def write_video(frames, path: str, fps: int = 15):
+    from moviepy import ImageSequenceClip  # imported here: only video writing needs moviepy
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    clip = ImageSequenceClip(list(frames), fps=fps)
+    if path.endswith(".gif"):
+        clip.write_gif(path, fps=fps, logger=None)
+    else:
+        clip.write_videofile(path, fps=fps, logger=None)
+
+
+def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | None = None) -> list[dict]:
+    """Play whole episodes, greedy unless args.eval_sample, each after a random number of no-op steps (up to
+    eval_noop_max) so that greedy episodes differ. Returns {"return", "length", "x_pos", "flag_get"} per episode; the
+    first episode goes to video_path with the action probabilities drawn above the frames."""
+    env = make_env(args, render=video_path is not None)()
+    labels = action_labels(args, env) if video_path else None
+    rng = np.random.default_rng(args.seed)
+    results = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=args.seed + episode)
+        record = video_path is not None and episode == 0
+        frames, done, info = [], False, {}
+        for _ in range(rng.integers(0, args.eval_noop_max + 1)):
+            obs, _, terminated, truncated, info = env.step(0)  # action 0 is NOOP in every joypad set and in ALE
+            if terminated or truncated:
+                obs, info = env.reset()
+        while not done:
+            x = torch.as_tensor(obs, device=device).unsqueeze(0)
+            with torch.no_grad():
+                probs = agent.action_probs(x)[0]
+            action = int(torch.multinomial(probs, 1)) if args.eval_sample else int(probs.argmax())
+            obs, _, terminated, truncated, info = env.step(action)
+            done = terminated or truncated
+            if record:  # copy: nes-py renders into one reused buffer
+                frames.append(draw_action_probs(np.array(env.render()), probs.cpu().numpy(), labels, action))
+        if record:
+            write_video(frames, video_path)
+        results.append({"return": float(info["episode"]["r"]), "length": int(info["episode"]["l"]),
+                        "x_pos": float(info.get("x_pos", np.nan)), "flag_get": bool(info.get("flag_get", False))})
+    env.close()
+    return results
+
+
+def load_checkpoint(path: str, device):
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        fail(f"no checkpoint at {path}; pass the model.pt of a run")
+    except Exception as e:
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}); the file is truncated or not a checkpoint")
+
+
+def load_agent(checkpoint: dict, path: str, envs_obs_shape: list, num_actions: int, env_id: str, device) -> Agent:
+    """The saved agent, after checking that it fits the env's observations and actions."""
+    if (checkpoint["obs_shape"], checkpoint["num_actions"]) != (envs_obs_shape, num_actions):
+        fail(f"checkpoint {path} is for {checkpoint['env_id']} (observations {checkpoint['obs_shape']}, "
+             f"{checkpoint['num_actions']} actions), not {env_id} (observations {envs_obs_shape}, {num_actions} "
+             "actions); pass a matching --env-id")
+    agent = Agent(envs_obs_shape[0], num_actions).to(device)
+    agent.load_state_dict(checkpoint["model"])
+    return agent
+
+
+def run_evaluation(args: Args):
+    device = pick_device(args.cuda)
+    checkpoint = load_checkpoint(args.eval_checkpoint, device)
+    args.env_id = args.env_id or checkpoint["env_id"]
+    args.action_set = checkpoint["action_set"]
+    check_env_id(args.env_id)
+    env = make_env(args)()
+    agent = load_agent(checkpoint, args.eval_checkpoint, list(env.observation_space.shape), int(env.action_space.n),
+                       args.env_id, device)
+    env.close()
+    video_path = args.video_path or os.path.splitext(args.eval_checkpoint)[0] + "-eval.mp4"
+    results = evaluate(agent, args, device, args.eval_episodes, video_path)
+
+    returns = [r["return"] for r in results]
+    clears = sum(r["flag_get"] for r in results)
+    mode = "sampled" if args.eval_sample else "greedy"
+    print(f"{args.env_id}: {len(results)} {mode} episodes, cleared {clears}/{len(results)} ({clears / len(results):.0%}), "
+          f"mean x_pos {np.mean([r['x_pos'] for r in results]):.0f}, return {np.mean(returns):.1f} ± {np.std(returns):.1f}")
+    print(f"wrote {video_path}")
+    return results
+
+
+def main(args: Args):
+    validate_args(args)
+    if args.eval_checkpoint is not None:
+        return run_evaluation(args)
+    args.env_id = args.env_id or DEFAULT_ENV_ID
+    check_env_id(args.env_id)
+    return train(args)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
