@@ -185,7 +185,7 @@ class Agent(nn.Module):
         return self.critic(x).squeeze(-1)
 
     def get_action_and_value(self, x, action=None):
-        dist = Categorical(logits=self.actor(x))
+        dist = Categorical(logits=self.actor(x), validate_args=False)
         if action is None:
             action = dist.sample()
         return action, dist.log_prob(action), dist.entropy(), self.get_value(x)
@@ -372,7 +372,7 @@ def train(args: Args) -> str:
     envs = make_vector_env(args)
     obs_dim = envs.single_observation_space.shape[0]
     agent = Agent(obs_dim, envs.single_action_space.n).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     if args.capture_video:
         evaluate(agent, args, device, episodes=1, video_path=os.path.join(run_dir, "before_training.gif"))
 

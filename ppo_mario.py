@@ -192,7 +192,7 @@ def summarize_ids(env_ids: list[str]) -> str:
     """'SuperMarioBros-<world>-<stage>-v0..v3, SuperMarioBros-v0..v3, ...': the id families, compactly."""
     versions = {}
     for env_id in env_ids:
-        family, version = re.sub(r"(?<=[A-Za-z-])[1-9A-D]-[1-4](?=-v)", "<world>-<stage>", env_id).rsplit("-v", 1)
+        family, version = re.sub(r"(?<=[A-Za-z-])[1-9A-D]-\d+(?=-v)", "<world>-<stage>", env_id).rsplit("-v", 1)
         versions.setdefault(family, set()).add(int(version))
     return ", ".join(f"{family}-v{min(v)}" + (f"..v{max(v)}" if len(v) > 1 else "") for family, v in versions.items())
 
@@ -359,7 +359,7 @@ class Agent(nn.Module):
 
     def get_action_and_value(self, obs, action=None):
         hidden = self.features(obs)
-        dist = Categorical(logits=self.actor(hidden))
+        dist = Categorical(logits=self.actor(hidden), validate_args=False)
         if action is None:
             action = dist.sample()
         return action, dist.log_prob(action), dist.entropy(), self.critic(hidden).squeeze(-1)
@@ -567,7 +567,7 @@ def train(args: Args) -> str:
     envs = make_vector_env(args)
     obs_shape = envs.single_observation_space.shape
     agent = Agent(obs_shape[0], envs.single_action_space.n).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     model_path = os.path.join(run_dir, "model.pt")
 
     rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, device)
