@@ -31,16 +31,17 @@ CONFIGS = {
 
 
 def run_seed(config: str, seed: int, runs_dir: str) -> dict:
+    runs_dir = os.path.join(runs_dir, f"{config}-{seed}")
     command = [sys.executable, os.path.join(ROOT, "ppo_cartpole.py"), "--seed", str(seed), "--runs-dir", runs_dir,
                "--exp-name", config, *CONFIGS[config]]
     start = time.time()
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    subprocess.run(command, check=True, capture_output=True)
     wall = time.time() - start
-    run_dir = os.path.dirname(re.search(r"saved (\S+)", output).group(1))
+    (run_dir,) = [os.path.join(runs_dir, name) for name in os.listdir(runs_dir)]
     curve = load_curve(run_dir)
     crossing = first_crossing(curve, threshold=475, window=20)
     evaluation = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "ppo_cartpole.py"), "--eval-checkpoint", os.path.join(run_dir, "model.pt"),
+        [sys.executable, os.path.join(ROOT, "ppo_cartpole.py"), "--eval-checkpoint", run_dir,
          "--eval-episodes", "10"], check=True, capture_output=True, text=True).stdout
     eval_mean = float(re.search(r"return ([\d.]+) ±", evaluation).group(1))
     sps = int(curve.steps[-1] / curve.seconds[-1])

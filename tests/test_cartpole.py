@@ -145,7 +145,7 @@ def test_no_stored_transition_crosses_an_episode_boundary():
 
 # ----------------------------------------------------------------------------------------------------------- a real run
 
-def test_short_run_logs_cleanrl_keys_saves_a_model_and_eval_plays_it(tmp_path):
+def test_short_run_logs_cleanrl_keys_saves_a_checkpoint_and_eval_plays_it(tmp_path):
     result = run_cli("--total-timesteps", "2048", "--runs-dir", str(tmp_path), "--seed", "7")
     assert result.returncode == 0, result.stderr
     (run_dir,) = tmp_path.iterdir()
@@ -159,7 +159,9 @@ def test_short_run_logs_cleanrl_keys_saves_a_model_and_eval_plays_it(tmp_path):
     assert len(episode_lengths) >= 20 and all(length >= 8 for length in episode_lengths)
 
     video = tmp_path / "episode.gif"
-    result = run_cli("--eval-checkpoint", str(run_dir / "model.pt"), "--eval-episodes", "3", "--video-path", str(video))
+    (checkpoint,) = (run_dir / "checkpoints").iterdir()
+    assert checkpoint.name == "step_0000002048.pt"
+    result = run_cli("--eval-checkpoint", str(run_dir), "--eval-episodes", "3", "--video-path", str(video))
     assert result.returncode == 0, result.stderr
     assert "CartPole-v1: 3 greedy episodes, return" in result.stdout
     assert video.stat().st_size > 10_000
@@ -174,7 +176,7 @@ def test_a_short_run_learns(tmp_path):
     returns = [e.value for e in events.Scalars("charts/episodic_return")]
     assert np.mean(returns[-20:]) >= 200, returns[-20:]
 
-    agent = ppo_cartpole.load_checkpoint(os.path.join(run_dir, "model.pt"), "CartPole-v1", "cpu")
+    agent = ppo_cartpole.load_agent(run_dir, "CartPole-v1", "cpu")
     greedy_returns = ppo_cartpole.evaluate(agent, args, "cpu", episodes=3)
     assert np.mean(greedy_returns) >= 200, greedy_returns
 
@@ -207,7 +209,7 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path):
 
     assert run_cli("--total-timesteps", "256", "--runs-dir", str(tmp_path / "runs")).returncode == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
-    result = run_cli("--eval-checkpoint", str(run_dir / "model.pt"), "--env-id", "Acrobot-v1")
+    result = run_cli("--eval-checkpoint", str(run_dir), "--env-id", "Acrobot-v1")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "is for CartPole-v1 (observations [4], 2 actions), not Acrobot-v1 (observations [6], 3 actions)" in result.stderr
 
