@@ -5,7 +5,8 @@ Read top to bottom in the order of the algorithm:
   -> training loop -> evaluation.
 
     python ppo_mario.py --env-id SuperMarioBros-1-1-v0 --cuda
-    python ppo_mario.py --eval-checkpoint runs/<run_name>/model.pt --eval-episodes 10
+    python ppo_mario.py --eval-checkpoint runs/<run_name> --eval-episodes 10   # newest checkpoint of the run
+    python ppo_mario.py --resume runs/<run_name>                                # continue an interrupted run
     python ppo_mario.py --env-id ALE/Breakout-v5       # the same PPO on Atari, to compare with published curves
 
 gym-super-mario-bros comes in two lines: 7.4 (Python < 3.13, old gym API, adapted here with shimmy) and 9.x
@@ -14,13 +15,17 @@ gym-super-mario-bros comes in two lines: 7.4 (Python < 3.13, old gym API, adapte
 
 import contextlib
 import difflib
+import glob
 import importlib.metadata
 import io
+import multiprocessing
 import os
 import random
 import re
+import signal
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
@@ -51,7 +56,11 @@ class Args:
     runs_dir: str = "runs"
     """TensorBoard logs, checkpoints and videos go to <runs_dir>/<run_name>/"""
     save_interval: int = 25
-    """write the checkpoint every this many iterations (and at the end)"""
+    """write a checkpoint every this many iterations (and at the end, and on Ctrl-C / SIGTERM)"""
+    keep_checkpoints: int = 3
+    """how many of the newest checkpoints to keep"""
+    resume: str | None = None
+    """continue a run: a checkpoint file, or a run directory to take its newest checkpoint (the run keeps its Args)"""
     capture_video: bool = False
     """write a video of a greedy evaluation episode every video_interval iterations"""
     video_interval: int = 50
@@ -117,7 +126,7 @@ class Args:
 
     # Evaluation
     eval_checkpoint: str | None = None
-    """play a saved model instead of training"""
+    """play a saved model instead of training: a checkpoint file, or a run directory for its newest checkpoint"""
     eval_episodes: int = 10
     """episodes to play in evaluation"""
     eval_sample: bool = False
@@ -135,7 +144,7 @@ def fail(message: str):
 
 def validate_args(args: Args):
     for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes",
-                 "save_interval", "video_interval"):
+                 "save_interval", "video_interval", "keep_checkpoints"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("learning_rate", "clip_coef", "max_grad_norm", "reward_scale"):
@@ -295,6 +304,11 @@ def make_env(args: Args, render: bool = False):
     """A thunk for the vector env. Observations are uint8 stacks of 4 grayscale 84x84 frames, one agent step per 4
     emulator frames; info["episode"] at an episode's end holds the env's own (unshaped) return and its length."""
     def thunk():
+        if multiprocessing.parent_process() is not None:
+            # In an AsyncVectorEnv worker. Ctrl-C (and a service manager's SIGTERM) reach the whole process group, but
+            # stopping is the trainer's job: it saves a checkpoint, then closes the workers.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if args.env_id.startswith("ALE/"):
             import ale_py
             gym.register_envs(ale_py)
@@ -317,6 +331,22 @@ def make_env(args: Args, render: bool = False):
         env = gym.wrappers.ResizeObservation(env, (84, 84))
         return gym.wrappers.FrameStackObservation(env, 4)
     return thunk
+
+
+def close_envs(envs):
+    """Close the vector env. Once a worker has died the pending step can never complete, so instead of waiting for
+    the workers, kill them all, then let gymnasium release the pipes."""
+    processes = getattr(envs, "processes", [])
+    if all(process.is_alive() for process in processes):
+        envs.close()
+        return
+    for process in processes:
+        process.kill()
+        process.join()
+    with contextlib.suppress(EOFError, OSError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "close while waiting for a pending step": expected here
+        envs.close(terminate=True)
+    envs.closed = True
 
 
 def make_vector_env(args: Args):
@@ -395,11 +425,14 @@ class Rollout:
 EPISODE_KEYS = ("x_pos", "max_x_pos", "flag_get", "world", "stage")
 
 
-def collect_rollout(envs, agent, rollout: Rollout, next_obs, device):
+def collect_rollout(envs, agent, rollout: Rollout, next_obs, device, stop=None):
     """Fill `rollout` by stepping `envs` from `next_obs`. Returns the observation to continue from and the finished
-    episodes as (step index, {"return", "length", and for Mario x_pos, max_x_pos, flag_get, world, stage})."""
+    episodes as (step index, {"return", "length", and for Mario x_pos, max_x_pos, flag_get, world, stage}).
+    Returns early, with the rollout incomplete, once `stop` is requested."""
     episodes = []
     for step in range(rollout.obs.shape[0]):
+        if stop is not None and stop.requested:
+            break
         rollout.obs[step] = next_obs
         with torch.no_grad():
             action, logprob, _, value = agent.get_action_and_value(next_obs)
@@ -487,7 +520,53 @@ def normalize_advantages(advantages):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Training
+# PPO update
+# ---------------------------------------------------------------------------------------------------------------------
+
+def ppo_update(agent: Agent, optimizer, batch: dict, args: Args) -> dict:
+    """update_epochs passes of minibatch gradient descent on the PPO loss over one flattened rollout. Returns the last
+    minibatch's losses and the diagnostics CleanRL logs. Raises NonFiniteError instead of stepping on a bad gradient."""
+    batch_size = len(batch["actions"])
+    minibatch_size = batch_size // args.num_minibatches
+    clipfracs = []
+    for epoch in range(args.update_epochs):
+        permutation = torch.randperm(batch_size, device=batch["actions"].device)
+        for start in range(0, batch_size, minibatch_size):
+            mb = permutation[start:start + minibatch_size]
+            _, new_logprob, entropy, new_value = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb])
+            with torch.no_grad():
+                # Diagnostics: KL(old || new) estimators (http://joschu.net/blog/kl-approx.html) and clip rate.
+                logratio = new_logprob - batch["logprobs"][mb]
+                old_approx_kl = (-logratio).mean()
+                approx_kl = ((logratio.exp() - 1) - logratio).mean()
+                clipfracs.append(((logratio.exp() - 1.0).abs() > args.clip_coef).float().mean().item())
+
+            advantages = normalize_advantages(batch["advantages"][mb]) if args.norm_adv else batch["advantages"][mb]
+            pg_loss = policy_loss(new_logprob, batch["logprobs"][mb], advantages, args.clip_coef)
+            v_loss = value_loss(new_value, batch["values"][mb], batch["returns"][mb],
+                                args.clip_coef if args.clip_vloss else None)
+            entropy_loss = entropy.mean()
+            loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+
+            optimizer.zero_grad()
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteError(f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}")
+            optimizer.step()
+
+        if args.target_kl is not None and approx_kl > args.target_kl:
+            break
+    return {"value_loss": v_loss.item(), "policy_loss": pg_loss.item(), "entropy": entropy_loss.item(),
+            "old_approx_kl": old_approx_kl.item(), "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs))}
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training: checkpoints, resume, signals
 # ---------------------------------------------------------------------------------------------------------------------
 
 def pick_device(want_cuda: bool):
@@ -503,35 +582,115 @@ def seed_everything(seed: int, torch_deterministic: bool):
     torch.backends.cudnn.deterministic = torch_deterministic
 
 
-def save_checkpoint(path: str, agent: Agent, optimizer, args: Args, global_step: int, iteration: int, envs):
-    """Atomically: a half-written file never replaces a good one."""
+def get_rng_states() -> dict:
+    """Python, numpy and torch generator states, as types torch.load(weights_only=True) accepts."""
+    name, key, pos, has_gauss, cached_gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached_gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict):
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, pos, has_gauss, cached_gauss = states["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached_gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(run_dir: str, agent: Agent, optimizer, args: Args, global_step: int, iteration: int, envs) -> str:
+    """Write <run_dir>/checkpoints/step_<global_step>.pt atomically (a crash never leaves a half-written file under
+    that name), then delete all but the newest keep_checkpoints."""
     checkpoint = {
         "model": agent.state_dict(),
         "optimizer": optimizer.state_dict(),
         "global_step": global_step,
         "iteration": iteration,
+        "rng": get_rng_states(),
         "args": asdict(args),
         "env_id": args.env_id,
         "action_set": args.action_set,
         "obs_shape": list(envs.single_observation_space.shape),
         "num_actions": int(envs.single_action_space.n),
     }
-    tmp_path = f"{path}.tmp"
-    torch.save(checkpoint, tmp_path)
-    os.replace(tmp_path, path)
+    path = os.path.join(run_dir, "checkpoints", f"step_{global_step:010d}.pt")
+    torch.save(checkpoint, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+    for old in sorted(glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")))[:-args.keep_checkpoints]:
+        os.remove(old)
+    return path
 
 
-def make_run_dir(args: Args) -> tuple[str, str]:
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.runs_dir, run_name)
+def newest_checkpoint(path: str) -> str:
+    """`path` itself if it is a file; for a run directory (or its checkpoints/ folder), its newest checkpoint."""
+    if not os.path.isdir(path):
+        return path
+    found = sorted(glob.glob(os.path.join(path, "checkpoints", "step_*.pt")) + glob.glob(os.path.join(path, "step_*.pt")))
+    if not found:
+        fail(f"no checkpoint in {path}; pass a run directory that has checkpoints/step_*.pt, or a checkpoint file")
+    return found[-1]
+
+
+def load_checkpoint(path: str, device) -> dict:
     try:
-        os.makedirs(run_dir, exist_ok=True)
+        return torch.load(newest_checkpoint(path), map_location=device, weights_only=True)
+    except FileNotFoundError:
+        fail(f"no checkpoint at {path}; pass a checkpoint file or a run directory")
+    except Exception as e:
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}); the file is truncated or not a checkpoint")
+
+
+# Flags a resumed run takes from the command line; every other one comes from the checkpoint, so the run goes on as
+# it started (same batch, same learning-rate schedule, same total).
+RESUME_FLAGS = ("resume", "cuda", "save_interval", "keep_checkpoints", "capture_video", "video_interval")
+
+
+def resumed_args(args: Args, saved: dict) -> Args:
+    resumed = Args(**{f.name: saved[f.name] for f in fields(Args) if f.name in saved})
+    for f in fields(Args):
+        given = getattr(args, f.name)
+        if f.name in RESUME_FLAGS:
+            setattr(resumed, f.name, given)
+        elif given != f.default and given != getattr(resumed, f.name):
+            print(f"warning: --{f.name.replace('_', '-')} {given} ignored: the resumed run keeps {getattr(resumed, f.name)}",
+                  file=sys.stderr)
+    return resumed
+
+
+def check_writable(run_dir: str):
+    try:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         with open(os.path.join(run_dir, ".write_test"), "w"):
             pass
         os.remove(os.path.join(run_dir, ".write_test"))
     except OSError as e:
         fail(f"cannot write the run directory {run_dir} ({e.strerror}); pass a writable --runs-dir")
-    return run_name, run_dir
+
+
+class GracefulStop:
+    """SIGINT (Ctrl-C) and SIGTERM become a request the training loop honours at a safe point: it finishes the current
+    step (or update), writes a checkpoint, closes the envs and the writer, and exits with 128 + the signal number.
+    A second signal stops at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after the current step and writing a checkpoint "
+              "(send it again to quit at once)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def log_episodes(writer, episodes, global_step: int, num_envs: int, recent: dict):
@@ -552,110 +711,111 @@ def log_episodes(writer, episodes, global_step: int, num_envs: int, recent: dict
 
 
 def train(args: Args) -> str:
-    """Train; returns the run directory (TensorBoard events, model.pt, videos)."""
+    """Train, or continue the run args.resume points at; returns the run directory."""
+    device = pick_device(args.cuda)
+    checkpoint, checkpoint_path = None, None  # checkpoint_path: the newest good checkpoint of this run
+    if args.resume:
+        checkpoint_path = newest_checkpoint(args.resume)
+        checkpoint = load_checkpoint(checkpoint_path, device)
+        args = resumed_args(args, checkpoint["args"])
+        validate_args(args)
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path)))
+    else:
+        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join(args.runs_dir, run_name)
+    check_env_id(args.env_id)
+    check_writable(run_dir)
     batch_size = args.num_envs * args.num_steps
-    minibatch_size = batch_size // args.num_minibatches
     num_iterations = args.total_timesteps // batch_size
 
-    run_name, run_dir = make_run_dir(args)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-
     seed_everything(args.seed, args.torch_deterministic)
-    device = pick_device(args.cuda)
-
     envs = make_vector_env(args)
     obs_shape = envs.single_observation_space.shape
     agent = Agent(obs_shape[0], envs.single_action_space.n).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    model_path = os.path.join(run_dir, "model.pt")
+    global_step, iteration = 0, 0
+    if checkpoint:
+        agent.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        global_step, iteration = checkpoint["global_step"], checkpoint["iteration"]
+        set_rng_states(checkpoint["rng"])
+        print(f"resuming {run_dir} at iteration {iteration}, step {global_step}")
+    # purge_step drops what the interrupted process logged after its checkpoint (steps > global_step): the curves go on
+    # without duplicate or missing points.
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
+    if not checkpoint:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, device)
-    global_step = 0
     recent = {"return": deque(maxlen=20), "x_pos": deque(maxlen=20), "flag_get": deque(maxlen=100)}
-    start_time = time.time()
-    next_obs, _ = envs.reset(seed=args.seed)
-    next_obs = torch.as_tensor(next_obs, device=device)
-
-    for iteration in range(1, num_iterations + 1):
-        if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations)
-
-        rollout_start = time.time()
-        next_obs, episodes = collect_rollout(envs, agent, rollout, next_obs, device)
-        rollout_sps = int(batch_size / (time.time() - rollout_start))
-        log_episodes(writer, episodes, global_step, args.num_envs, recent)
-        global_step += batch_size
-
-        with torch.no_grad():
-            next_value = agent.get_value(next_obs)
-        advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.terminations, rollout.truncations,
-                                          rollout.final_values, next_value, args.gamma, args.gae_lambda)
-
-        # Flatten the rollout into one batch of num_steps * num_envs samples.
-        b_obs = rollout.obs.reshape((-1,) + obs_shape)
-        b_actions, b_logprobs, b_values = rollout.actions.reshape(-1), rollout.logprobs.reshape(-1), rollout.values.reshape(-1)
-        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
-
-        clipfracs = []
-        for epoch in range(args.update_epochs):
-            permutation = torch.randperm(batch_size, device=device)
-            for start in range(0, batch_size, minibatch_size):
-                mb = permutation[start:start + minibatch_size]
-                _, new_logprob, entropy, new_value = agent.get_action_and_value(b_obs[mb], b_actions[mb])
-                with torch.no_grad():
-                    # Diagnostics: KL(old || new) estimators (http://joschu.net/blog/kl-approx.html) and clip rate.
-                    logratio = new_logprob - b_logprobs[mb]
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((logratio.exp() - 1) - logratio).mean()
-                    clipfracs.append(((logratio.exp() - 1.0).abs() > args.clip_coef).float().mean().item())
-
-                mb_advantages = normalize_advantages(b_advantages[mb]) if args.norm_adv else b_advantages[mb]
-                pg_loss = policy_loss(new_logprob, b_logprobs[mb], mb_advantages, args.clip_coef)
-                v_loss = value_loss(new_value, b_values[mb], b_returns[mb], args.clip_coef if args.clip_vloss else None)
-                entropy_loss = entropy.mean()
-                loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
-
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                optimizer.step()
-
-            if args.target_kl is not None and approx_kl > args.target_kl:
+    start_time, start_step = time.time(), global_step
+    stop = GracefulStop()
+    try:
+        next_obs, _ = envs.reset(seed=args.seed + iteration)
+        next_obs = torch.as_tensor(next_obs, device=device)
+        while iteration < num_iterations:
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - iteration / num_iterations)
+            rollout_start = time.time()
+            next_obs, episodes = collect_rollout(envs, agent, rollout, next_obs, device, stop)
+            if stop.requested:  # an incomplete rollout is dropped: the checkpoint is the end of the last iteration
                 break
+            rollout_sps = int(batch_size / (time.time() - rollout_start))
+            log_episodes(writer, episodes, global_step, args.num_envs, recent)
 
-        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
-        var_y = np.var(y_true)
-        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+            with torch.no_grad():
+                next_value = agent.get_value(next_obs)
+            advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.terminations, rollout.truncations,
+                                              rollout.final_values, next_value, args.gamma, args.gae_lambda)
+            # Flatten the rollout into one batch of num_steps * num_envs samples.
+            batch = {"obs": rollout.obs.reshape((-1,) + obs_shape), "actions": rollout.actions.reshape(-1),
+                     "logprobs": rollout.logprobs.reshape(-1), "values": rollout.values.reshape(-1),
+                     "advantages": advantages.reshape(-1), "returns": returns.reshape(-1)}
+            try:
+                stats = ppo_update(agent, optimizer, batch, args)
+            except NonFiniteError as e:
+                fail(f"non-finite {e} at iteration {iteration + 1}; stopped without saving; the last good checkpoint is "
+                     f"{checkpoint_path or 'none (none was written yet)'}; lower --learning-rate or --max-grad-norm")
+            iteration += 1
+            global_step += batch_size
 
-        sps = int(global_step / (time.time() - start_time))
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
-        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
-        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
-        writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        writer.add_scalar("charts/rollout_SPS", rollout_sps, global_step)
+            y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
+            var_y = np.var(y_true)
+            stats["explained_variance"] = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            for key, value in stats.items():
+                writer.add_scalar(f"losses/{key}", value, global_step)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("charts/rollout_SPS", rollout_sps, global_step)
 
-        line = f"iter {iteration}/{num_iterations}  step {global_step}  SPS {sps} (rollout {rollout_sps})"
-        if recent["return"]:
-            line += f"  return(last 20) {np.mean(recent['return']):.1f}"
-        if recent["x_pos"]:
-            line += f"  x_pos {np.mean(recent['x_pos']):.0f}  flags {np.mean(recent['flag_get']):.0%}"
-        print(line, flush=True)
-
-        if iteration % args.save_interval == 0 or iteration == num_iterations:
-            save_checkpoint(model_path, agent, optimizer, args, global_step, iteration, envs)
-        if args.capture_video and (iteration % args.video_interval == 0 or iteration == num_iterations):
-            evaluate(agent, args, device, episodes=1,
-                     video_path=os.path.join(run_dir, "videos", f"iteration_{iteration:05d}.mp4"))
-
-    print(f"saved {model_path}")
-    envs.close()
-    writer.close()
+            line = f"iter {iteration}/{num_iterations}  step {global_step}  SPS {sps} (rollout {rollout_sps})"
+            if recent["return"]:
+                line += f"  return(last 20) {np.mean(recent['return']):.1f}"
+            if recent["x_pos"]:
+                line += f"  x_pos {np.mean(recent['x_pos']):.0f}  flags {np.mean(recent['flag_get']):.0%}"
+            print(line, flush=True)
+            if iteration % args.save_interval == 0 or iteration == num_iterations or stop.requested:
+                checkpoint_path = save_checkpoint(run_dir, agent, optimizer, args, global_step, iteration, envs)
+                print(f"saved {checkpoint_path}", flush=True)
+            if stop.requested:
+                break
+            if args.capture_video and (iteration % args.video_interval == 0 or iteration == num_iterations):
+                evaluate(agent, args, device, episodes=1,
+                         video_path=os.path.join(run_dir, "videos", f"iteration_{iteration:05d}.mp4"))
+        if stop.requested and (checkpoint_path is None or not checkpoint_path.endswith(f"step_{global_step:010d}.pt")):
+            checkpoint_path = save_checkpoint(run_dir, agent, optimizer, args, global_step, iteration, envs)
+            print(f"saved {checkpoint_path}", flush=True)
+    except (EOFError, BrokenPipeError, ConnectionError) as e:
+        dead = [i for i, process in enumerate(envs.processes) if not process.is_alive()]
+        fail(f"environment worker {', '.join(map(str, dead)) or '?'} ({args.env_id}) died ({type(e).__name__}) at step "
+             f"{global_step}; continue from the last checkpoint with --resume {run_dir}")
+    finally:
+        close_envs(envs)
+        writer.close()
+        stop.restore()
+    if stop.requested:
+        sys.exit(128 + stop.signum)
     return run_dir
 
 
@@ -726,15 +886,6 @@ def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | 
     return results
 
 
-def load_checkpoint(path: str, device):
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        fail(f"no checkpoint at {path}; pass the model.pt of a run")
-    except Exception as e:
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}); the file is truncated or not a checkpoint")
-
-
 def load_agent(checkpoint: dict, path: str, envs_obs_shape: list, num_actions: int, env_id: str, device) -> Agent:
     """The saved agent, after checking that it fits the env's observations and actions."""
     if (checkpoint["obs_shape"], checkpoint["num_actions"]) != (envs_obs_shape, num_actions):
@@ -748,15 +899,16 @@ def load_agent(checkpoint: dict, path: str, envs_obs_shape: list, num_actions: i
 
 def run_evaluation(args: Args):
     device = pick_device(args.cuda)
-    checkpoint = load_checkpoint(args.eval_checkpoint, device)
+    path = newest_checkpoint(args.eval_checkpoint)
+    checkpoint = load_checkpoint(path, device)
     args.env_id = args.env_id or checkpoint["env_id"]
     args.action_set = checkpoint["action_set"]
     check_env_id(args.env_id)
     env = make_env(args)()
-    agent = load_agent(checkpoint, args.eval_checkpoint, list(env.observation_space.shape), int(env.action_space.n),
+    agent = load_agent(checkpoint, path, list(env.observation_space.shape), int(env.action_space.n),
                        args.env_id, device)
     env.close()
-    video_path = args.video_path or os.path.splitext(args.eval_checkpoint)[0] + "-eval.mp4"
+    video_path = args.video_path or os.path.splitext(path)[0] + "-eval.mp4"
     results = evaluate(agent, args, device, args.eval_episodes, video_path)
 
     returns = [r["return"] for r in results]
@@ -769,11 +921,12 @@ def run_evaluation(args: Args):
 
 
 def main(args: Args):
+    if args.eval_checkpoint is None and args.resume:
+        return train(args)  # the run's saved Args are validated once merged
     validate_args(args)
     if args.eval_checkpoint is not None:
         return run_evaluation(args)
     args.env_id = args.env_id or DEFAULT_ENV_ID
-    check_env_id(args.env_id)
     return train(args)
 
 

@@ -132,11 +132,11 @@ def test_short_training_run_logs_mario_keys_and_eval_plays_the_checkpoint(tmp_pa
     assert [e.step for e in events.Scalars("charts/SPS")] == [128, 256, 384, 512]
     assert all(0 < e.value < 3300 for e in events.Scalars("mario/x_pos"))
 
-    checkpoint = torch.load(run_dir / "model.pt", weights_only=True)
+    checkpoint = torch.load(run_dir / "checkpoints" / "step_0000000512.pt", weights_only=True)
     assert checkpoint["env_id"] == STAGE and checkpoint["num_actions"] == 7 and checkpoint["global_step"] == 512
 
     video = tmp_path / "eval.mp4"
-    result = run_cli("--eval-checkpoint", str(run_dir / "model.pt"), "--eval-episodes", "2", "--stuck-timeout", "20",
+    result = run_cli("--eval-checkpoint", str(run_dir), "--eval-episodes", "2", "--stuck-timeout", "20",
                      "--video-path", str(video))
     assert result.returncode == 0, result.stderr
     assert f"{STAGE}: 2 greedy episodes, cleared 0/2 (0%), mean x_pos" in result.stdout
@@ -157,7 +157,8 @@ def test_atari_smoke_run(tmp_path):
                      "--sync-envs", *TINY_RUN)
     assert result.returncode == 0, result.stderr
     (run_dir,) = tmp_path.iterdir()
-    checkpoint = torch.load(run_dir / "model.pt", weights_only=True)
+    (path,) = (run_dir / "checkpoints").iterdir()
+    checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["obs_shape"] == [4, 84, 84] and checkpoint["num_actions"] == 4
 
 

@@ -1,0 +1,89 @@
+"""Never lose a Mario run: resume, signals and faults with real emulator worker processes, through the real CLI."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "ppo_mario.py")
+TINY_RUN = ["--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2", "--update-epochs", "1"]
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def start_cli(*args):
+    return subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, start_new_session=True)
+
+
+def only_run_dir(runs_dir):
+    (run_dir,) = [os.path.join(runs_dir, name) for name in os.listdir(runs_dir)]
+    return run_dir
+
+
+def scalars(run_dir, tag):
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_resume_goes_on_with_continuous_curves(tmp_path):
+    straight = tmp_path / "straight"
+    assert run_cli("--total-timesteps", "768", "--save-interval", "3", "--runs-dir", str(straight), *TINY_RUN).returncode == 0
+    straight_dir = only_run_dir(straight)
+    resumed_dir = tmp_path / "resumed" / os.path.basename(straight_dir)
+    shutil.copytree(straight_dir, resumed_dir)
+    os.remove(resumed_dir / "checkpoints" / "step_0000000768.pt")
+
+    result = run_cli("--resume", str(resumed_dir), "--action-set", "complex")
+    assert result.returncode == 0, result.stderr
+    assert "warning: --action-set complex ignored: the resumed run keeps simple" in result.stderr
+    assert f"resuming {resumed_dir} at iteration 3, step 384" in result.stdout
+    lr = scalars(resumed_dir, "charts/learning_rate")
+    assert [step for step, _ in lr] == [128 * i for i in range(1, 7)]
+    np.testing.assert_allclose([v for _, v in lr], [v for _, v in scalars(straight_dir, "charts/learning_rate")], rtol=1e-6)
+    final = torch.load(resumed_dir / "checkpoints" / "step_0000000768.pt", weights_only=True)
+    assert final["iteration"] == 6 and final["action_set"] == "simple" and final["num_actions"] == 7
+
+
+def test_sigterm_to_the_group_checkpoints_and_leaves_no_emulator_behind(tmp_path):
+    process = start_cli("--total-timesteps", "1000000", "--runs-dir", str(tmp_path), *TINY_RUN)
+    assert process.stdout.readline().startswith("iter 1/")
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.killpg(process.pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert "Traceback" not in err
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
+    run_dir = only_run_dir(tmp_path)
+    (name,) = os.listdir(os.path.join(run_dir, "checkpoints"))
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoints", name), weights_only=True)
+    assert checkpoint["iteration"] >= 1 and checkpoint["env_id"] == "SuperMarioBros-1-1-v0"
+
+
+def test_a_dead_emulator_worker_is_a_clear_error(tmp_path):
+    process = start_cli("--total-timesteps", "1000000", "--runs-dir", str(tmp_path), *TINY_RUN)
+    assert process.stdout.readline().startswith("iter 1/")
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[0]), signal.SIGKILL)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and len(err.strip().splitlines()) == 1
+    assert "error: environment worker 0 (SuperMarioBros-1-1-v0) died" in err
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
+
+
+def test_a_checkpoint_for_another_env_is_refused_naming_both(tmp_path):
+    assert run_cli("--total-timesteps", "128", "--runs-dir", str(tmp_path), *TINY_RUN).returncode == 0
+    result = run_cli("--eval-checkpoint", only_run_dir(tmp_path), "--env-id", "ALE/Breakout-v5")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert ("is for SuperMarioBros-1-1-v0 (observations [4, 84, 84], 7 actions), not ALE/Breakout-v5 "
+            "(observations [4, 84, 84], 4 actions)") in result.stderr
