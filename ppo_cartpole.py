@@ -6,12 +6,14 @@ Read top to bottom in the order of the algorithm:
     python ppo_cartpole.py                                   # train, log to runs/<run_name>/
     python ppo_cartpole.py --eval-checkpoint runs/<run_name> --video-path cartpole.gif   # newest checkpoint of the run
     python ppo_cartpole.py --resume runs/<run_name>                                       # continue an interrupted run
+    torchrun --standalone --nproc_per_node 2 ppo_cartpole.py                              # data-parallel over 2 processes
 """
 
 import contextlib
 import difflib
 import glob
 import multiprocessing
+import multiprocessing.connection
 import os
 import random
 import signal
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass, fields
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import tyro
 from gymnasium.vector import AutoresetMode
@@ -59,13 +62,13 @@ class Args:
     env_id: str = "CartPole-v1"
     """the Gymnasium id of the environment (discrete actions, vector observations)"""
     total_timesteps: int = 60_000
-    """total environment steps to train for"""
+    """total environment steps to train for (summed over torchrun ranks)"""
     learning_rate: float = 3e-3
     """Adam learning rate at the start of training"""
     anneal_lr: bool = True
     """decay the learning rate linearly to zero over the run"""
     num_envs: int = 8
-    """parallel environments"""
+    """parallel environments (per torchrun rank)"""
     async_envs: bool = False
     """step the environments in subprocesses (AsyncVectorEnv) instead of in this process"""
     num_steps: int = 32
@@ -127,9 +130,10 @@ def validate_args(args: Args):
     if batch_size % args.num_minibatches:
         fail(f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} "
              f"(num_envs * num_steps); pick a divisor of {batch_size}")
-    if args.eval_checkpoint is None and args.total_timesteps < batch_size:
-        fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {batch_size} "
-             f"(num_envs * num_steps); raise it or shrink the batch")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun
+    if args.eval_checkpoint is None and args.total_timesteps < batch_size * world_size:
+        fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {batch_size * world_size} "
+             f"(num_envs * num_steps * ranks); raise it or shrink the batch")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -165,14 +169,15 @@ def make_env(env_id: str, render: bool = False):
     return thunk
 
 
-def close_envs(envs):
-    """Close the vector env. Once a worker has died the pending step can never complete, so instead of waiting for
-    the workers, kill them all, then let gymnasium release the pipes."""
-    processes = getattr(envs, "processes", [])
-    if all(process.is_alive() for process in processes):
+def close_envs(envs, worker_died: bool = False):
+    """Close the vector env. After a worker died, the pending step can never complete: kill the workers (SIGKILL, as
+    they ignore SIGINT and SIGTERM) instead of waiting for them, then let gymnasium release the pipes."""
+    if envs.closed:
+        return
+    if not worker_died:
         envs.close()
         return
-    for process in processes:
+    for process in envs.processes:
         process.kill()
         process.join()
     with contextlib.suppress(EOFError, OSError), warnings.catch_warnings():
@@ -374,12 +379,13 @@ def ppo_update(agent: Agent, optimizer, batch: dict, args: Args) -> dict:
 
             optimizer.zero_grad()
             loss.backward()
+            average_gradients(agent)  # under torchrun: every rank takes the same step from the same weights
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise NonFiniteError(f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}")
             optimizer.step()
 
-        if args.target_kl is not None and approx_kl > args.target_kl:
+        if args.target_kl is not None and all_reduce_mean(approx_kl.clone()) > args.target_kl:  # decided jointly
             break
     return {"value_loss": v_loss.item(), "policy_loss": pg_loss.item(), "entropy": entropy_loss.item(),
             "old_approx_kl": old_approx_kl.item(), "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs))}
@@ -390,13 +396,88 @@ class NonFiniteError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Data parallelism under torchrun: each rank steps its own envs and computes GAE and minibatches on its own batch;
+# gradients are averaged so all ranks take the same optimizer step. Without torchrun these are no-ops.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def setup_distributed(want_cuda: bool) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); joins the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = want_cuda and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), world_size, local_rank
+
+
+def all_reduce_mean(tensor):
+    """Average `tensor` over the ranks, in place."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def average_gradients(agent: nn.Module):
+    """One all-reduce of all gradients, flattened."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in agent.parameters()]
+    flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+    for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(averaged.view_as(grad))
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if `flag` is true on any: decisions such as stopping are taken jointly, so no rank waits
+    forever for another in a collective."""
+    if not dist.is_initialized():
+        return flag
+    tensor = torch.tensor(float(flag), device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def gather_to_main(items: list) -> list:
+    """Every rank's items, concatenated on rank 0 as (rank, item) pairs (empty elsewhere)."""
+    if not dist.is_initialized():
+        return [(0, item) for item in items]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(items, gathered, dst=0)
+    return [(rank, item) for rank, rank_items in enumerate(gathered or []) for item in rank_items]
+
+
+def broadcast_from_main(value):
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_ranks_agree(agent: nn.Module, device):
+    """After training: every rank must hold exactly the same weights."""
+    flat = nn.utils.parameters_to_vector(agent.parameters()).detach()
+    high, low = flat.clone(), flat.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    if not torch.equal(high, low):
+        fail(f"ranks finished with different weights (max difference {(high - low).abs().max().item():.3g})")
+    if dist.get_rank() == 0:
+        print(f"weights identical on all {dist.get_world_size()} ranks")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Training: checkpoints, resume, signals
 # ---------------------------------------------------------------------------------------------------------------------
 
-def pick_device(want_cuda: bool):
+def pick_device(want_cuda: bool, local_rank: int = 0):
     if want_cuda and not torch.cuda.is_available():
         print("warning: --cuda given but no CUDA device is available; training on CPU", file=sys.stderr)
-    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
+    return torch.device("cuda", local_rank) if want_cuda and torch.cuda.is_available() else torch.device("cpu")
 
 
 def seed_everything(seed: int, torch_deterministic: bool):
@@ -517,8 +598,11 @@ class GracefulStop:
 
 
 def train(args: Args) -> str:
-    """Train, or continue the run args.resume points at; returns the run directory."""
-    device = pick_device(args.cuda)
+    """Train, or continue the run args.resume points at; returns the run directory. Under torchrun, rank 0 alone
+    writes TensorBoard (with every rank's episodes) and checkpoints."""
+    rank, world_size, local_rank = setup_distributed(args.cuda)
+    is_main = rank == 0
+    device = pick_device(args.cuda, local_rank)
     checkpoint, checkpoint_path = None, None  # checkpoint_path: the newest good checkpoint of this run
     if args.resume:
         checkpoint_path = newest_checkpoint(args.resume)
@@ -528,9 +612,11 @@ def train(args: Args) -> str:
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path)))
     else:
         run_dir = os.path.join(args.runs_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    check_writable(run_dir)
-    batch_size = args.num_envs * args.num_steps
-    num_iterations = args.total_timesteps // batch_size
+    run_dir = broadcast_from_main(run_dir)  # the ranks may have started in different seconds
+    if is_main:
+        check_writable(run_dir)
+    batch_size = args.num_envs * args.num_steps  # per rank
+    num_iterations = args.total_timesteps // (batch_size * world_size)
 
     seed_everything(args.seed, args.torch_deterministic)
     torch.set_num_threads(args.torch_threads)
@@ -544,32 +630,42 @@ def train(args: Args) -> str:
         optimizer.load_state_dict(checkpoint["optimizer"])
         global_step, iteration = checkpoint["global_step"], checkpoint["iteration"]
         set_rng_states(checkpoint["rng"])
-        print(f"resuming {run_dir} at iteration {iteration}, step {global_step}")
-    # purge_step drops what the interrupted process logged after its checkpoint (steps > global_step): the curves go on
-    # without duplicate or missing points.
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
-    if not checkpoint:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    if args.capture_video and not checkpoint:
-        evaluate(agent, args, device, episodes=1, video_path=os.path.join(run_dir, "before_training.gif"))
+        if is_main:
+            print(f"resuming {run_dir} at iteration {iteration}, step {global_step}")
+    if world_size > 1:
+        for tensor in agent.state_dict().values():
+            dist.broadcast(tensor, src=0)  # identical starting weights on every rank
+        torch.manual_seed(args.seed + 1000 * rank + iteration)  # but each rank samples its own actions
+    writer = None
+    if is_main:
+        # purge_step drops what an interrupted process logged after its checkpoint (steps > global_step): the curves
+        # go on without duplicate or missing points.
+        writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
+        if not checkpoint:
+            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        if args.capture_video and not checkpoint:
+            evaluate(agent, args, device, episodes=1, video_path=os.path.join(run_dir, "before_training.gif"))
 
     rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, device)
     recent_returns = deque(maxlen=20)
     start_time, start_step = time.time(), global_step
     stop = GracefulStop()
     try:
-        next_obs, _ = envs.reset(seed=args.seed + iteration)
+        next_obs, _ = envs.reset(seed=args.seed + iteration + 10_000 * rank)
         next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
         while iteration < num_iterations:
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - iteration / num_iterations)
-            next_obs, episodes = collect_rollout(envs, agent, rollout, next_obs, device, stop)
-            if stop.requested:  # an incomplete rollout is dropped: the checkpoint is the end of the last iteration
+            # Alone, a signal cuts the rollout short; under torchrun the ranks decide together after it.
+            next_obs, episodes = collect_rollout(envs, agent, rollout, next_obs, device, stop if world_size == 1 else None)
+            if any_rank(stop.requested, device):  # an incomplete rollout is dropped: the checkpoint ends the last iteration
+                stop.signum = stop.signum or signal.SIGTERM
                 break
-            for step, episode_return, episode_length in episodes:
+            for rank_of, (step, episode_return, episode_length) in gather_to_main(episodes):
+                at_step = global_step + ((step * world_size + rank_of) + 1) * args.num_envs
                 recent_returns.append(episode_return)
-                writer.add_scalar("charts/episodic_return", episode_return, global_step + (step + 1) * args.num_envs)
-                writer.add_scalar("charts/episodic_length", episode_length, global_step + (step + 1) * args.num_envs)
+                writer.add_scalar("charts/episodic_return", episode_return, at_step)
+                writer.add_scalar("charts/episodic_length", episode_length, at_step)
 
             with torch.no_grad():
                 next_value = agent.get_value(next_obs)
@@ -585,39 +681,51 @@ def train(args: Args) -> str:
                 fail(f"non-finite {e} at iteration {iteration + 1}; stopped without saving; the last good checkpoint is "
                      f"{checkpoint_path or 'none (none was written yet)'}; lower --learning-rate or --max-grad-norm")
             iteration += 1
-            global_step += batch_size
-
-            y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
-            var_y = np.var(y_true)
-            stats["explained_variance"] = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            for key, value in stats.items():
-                writer.add_scalar(f"losses/{key}", value, global_step)
-            writer.add_scalar("charts/SPS", sps, global_step)
-            if iteration % args.log_interval == 0 or iteration == num_iterations:
-                mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "-"
-                print(f"iter {iteration}/{num_iterations}  step {global_step}  SPS {sps}  return(last 20) {mean_return}",
-                      flush=True)
-            if iteration % args.save_interval == 0 or iteration == num_iterations or stop.requested:
-                checkpoint_path = save_checkpoint(run_dir, agent, optimizer, args, global_step, iteration, envs)
-                print(f"saved {checkpoint_path}", flush=True)
-            if stop.requested:
+            global_step += batch_size * world_size
+            stopping = any_rank(stop.requested, device)
+            if stopping:
+                stop.signum = stop.signum or signal.SIGTERM
+            if is_main:
+                y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
+                var_y = np.var(y_true)
+                stats["explained_variance"] = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+                sps = int((global_step - start_step) / (time.time() - start_time))
+                writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+                for key, value in stats.items():
+                    writer.add_scalar(f"losses/{key}", value, global_step)
+                writer.add_scalar("charts/SPS", sps, global_step)
+                if iteration % args.log_interval == 0 or iteration == num_iterations:
+                    mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "-"
+                    print(f"iter {iteration}/{num_iterations}  step {global_step}  SPS {sps}  return(last 20) {mean_return}",
+                          flush=True)
+                if iteration % args.save_interval == 0 or iteration == num_iterations or stopping:
+                    checkpoint_path = save_checkpoint(run_dir, agent, optimizer, args, global_step, iteration, envs)
+                    print(f"saved {checkpoint_path}", flush=True)
+            if stopping:
                 break
-        if stop.requested and (checkpoint_path is None or not checkpoint_path.endswith(f"step_{global_step:010d}.pt")):
+        if world_size > 1 and not stop.requested:
+            check_ranks_agree(agent, device)
+        if is_main and stop.requested and (checkpoint_path is None
+                                           or not checkpoint_path.endswith(f"step_{global_step:010d}.pt")):
             checkpoint_path = save_checkpoint(run_dir, agent, optimizer, args, global_step, iteration, envs)
             print(f"saved {checkpoint_path}", flush=True)
     except (EOFError, BrokenPipeError, ConnectionError) as e:
-        dead = [i for i, process in enumerate(envs.processes) if not process.is_alive()]
+        # The pipe can report the death before the process is reaped: wait for the first exit to name the worker.
+        ended = multiprocessing.connection.wait([process.sentinel for process in envs.processes], timeout=5)
+        dead = [i for i, process in enumerate(envs.processes) if process.sentinel in ended]
+        close_envs(envs, worker_died=True)
         fail(f"environment worker {', '.join(map(str, dead)) or '?'} ({args.env_id}) died ({type(e).__name__}) at step "
              f"{global_step}; continue from the last checkpoint with --resume {run_dir}")
     finally:
         close_envs(envs)
-        writer.close()
+        if writer:
+            writer.close()
         stop.restore()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if stop.requested:
         sys.exit(128 + stop.signum)
-    if args.capture_video:
+    if args.capture_video and is_main:
         evaluate(agent, args, device, episodes=1, video_path=os.path.join(run_dir, "after_training.gif"))
     return run_dir
 

@@ -7,6 +7,7 @@ Read top to bottom in the order of the algorithm:
     python ppo_mario.py --env-id SuperMarioBros-1-1-v0 --cuda
     python ppo_mario.py --eval-checkpoint runs/<run_name> --eval-episodes 10   # newest checkpoint of the run
     python ppo_mario.py --resume runs/<run_name>                                # continue an interrupted run
+    torchrun --standalone --nproc_per_node 4 ppo_mario.py --cuda                # data-parallel over 4 GPUs
     python ppo_mario.py --env-id ALE/Breakout-v5       # the same PPO on Atari, to compare with published curves
 
 gym-super-mario-bros comes in two lines: 7.4 (Python < 3.13, old gym API, adapted here with shimmy) and 9.x
@@ -19,6 +20,7 @@ import glob
 import importlib.metadata
 import io
 import multiprocessing
+import multiprocessing.connection
 import os
 import random
 import re
@@ -34,6 +36,7 @@ import cv2
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import tyro
 from gymnasium.vector import AutoresetMode
@@ -73,7 +76,7 @@ class Args:
     action_set: Literal["right_only", "simple", "complex"] = "simple"
     """joypad button combinations the agent picks from (in evaluation the checkpoint's is used)"""
     num_envs: int = max(2, min(16, os.cpu_count() or 2))
-    """parallel environments (default: one per CPU core, 2 to 16)"""
+    """parallel environments per torchrun rank (default: one per CPU core, 2 to 16)"""
     sync_envs: bool = False
     """step the environments in this process (SyncVectorEnv) instead of one process each (AsyncVectorEnv)"""
     stuck_timeout: int = 0
@@ -94,7 +97,7 @@ class Args:
 
     # Algorithm
     total_timesteps: int = 5_000_000
-    """total agent steps (each is 4 emulator frames) to train for"""
+    """total agent steps (each is 4 emulator frames) to train for, summed over torchrun ranks"""
     learning_rate: float = 2.5e-4
     """Adam learning rate at the start of training"""
     anneal_lr: bool = True
@@ -160,9 +163,10 @@ def validate_args(args: Args):
     if batch_size % args.num_minibatches:
         fail(f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} "
              f"(num_envs * num_steps); pick a divisor of {batch_size}")
-    if args.eval_checkpoint is None and args.total_timesteps < batch_size:
-        fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {batch_size} "
-             f"(num_envs * num_steps); raise it or shrink the batch")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun
+    if args.eval_checkpoint is None and args.total_timesteps < batch_size * world_size:
+        fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {batch_size * world_size} "
+             f"(num_envs * num_steps * ranks); raise it or shrink the batch")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -333,14 +337,15 @@ def make_env(args: Args, render: bool = False):
     return thunk
 
 
-def close_envs(envs):
-    """Close the vector env. Once a worker has died the pending step can never complete, so instead of waiting for
-    the workers, kill them all, then let gymnasium release the pipes."""
-    processes = getattr(envs, "processes", [])
-    if all(process.is_alive() for process in processes):
+def close_envs(envs, worker_died: bool = False):
+    """Close the vector env. After a worker died, the pending step can never complete: kill the workers (SIGKILL, as
+    they ignore SIGINT and SIGTERM) instead of waiting for them, then let gymnasium release the pipes."""
+    if envs.closed:
+        return
+    if not worker_died:
         envs.close()
         return
-    for process in processes:
+    for process in envs.processes:
         process.kill()
         process.join()
     with contextlib.suppress(EOFError, OSError), warnings.catch_warnings():
@@ -550,12 +555,13 @@ def ppo_update(agent: Agent, optimizer, batch: dict, args: Args) -> dict:
 
             optimizer.zero_grad()
             loss.backward()
+            average_gradients(agent)  # under torchrun: every rank takes the same step from the same weights
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise NonFiniteError(f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}")
             optimizer.step()
 
-        if args.target_kl is not None and approx_kl > args.target_kl:
+        if args.target_kl is not None and all_reduce_mean(approx_kl.clone()) > args.target_kl:  # decided jointly
             break
     return {"value_loss": v_loss.item(), "policy_loss": pg_loss.item(), "entropy": entropy_loss.item(),
             "old_approx_kl": old_approx_kl.item(), "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs))}
@@ -566,13 +572,88 @@ class NonFiniteError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Data parallelism under torchrun: each rank steps its own envs and computes GAE and minibatches on its own batch;
+# gradients are averaged so all ranks take the same optimizer step. Without torchrun these are no-ops.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def setup_distributed(want_cuda: bool) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); joins the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = want_cuda and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), world_size, local_rank
+
+
+def all_reduce_mean(tensor):
+    """Average `tensor` over the ranks, in place."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def average_gradients(agent: nn.Module):
+    """One all-reduce of all gradients, flattened."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in agent.parameters()]
+    flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+    for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(averaged.view_as(grad))
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if `flag` is true on any: decisions such as stopping are taken jointly, so no rank waits
+    forever for another in a collective."""
+    if not dist.is_initialized():
+        return flag
+    tensor = torch.tensor(float(flag), device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def gather_to_main(items: list) -> list:
+    """Every rank's items, concatenated on rank 0 as (rank, item) pairs (empty elsewhere)."""
+    if not dist.is_initialized():
+        return [(0, item) for item in items]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(items, gathered, dst=0)
+    return [(rank, item) for rank, rank_items in enumerate(gathered or []) for item in rank_items]
+
+
+def broadcast_from_main(value):
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_ranks_agree(agent: nn.Module, device):
+    """After training: every rank must hold exactly the same weights."""
+    flat = nn.utils.parameters_to_vector(agent.parameters()).detach()
+    high, low = flat.clone(), flat.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    if not torch.equal(high, low):
+        fail(f"ranks finished with different weights (max difference {(high - low).abs().max().item():.3g})")
+    if dist.get_rank() == 0:
+        print(f"weights identical on all {dist.get_world_size()} ranks")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Training: checkpoints, resume, signals
 # ---------------------------------------------------------------------------------------------------------------------
 
-def pick_device(want_cuda: bool):
+def pick_device(want_cuda: bool, local_rank: int = 0):
     if want_cuda and not torch.cuda.is_available():
         print("warning: --cuda given but no CUDA device is available; training on CPU", file=sys.stderr)
-    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
+    return torch.device("cuda", local_rank) if want_cuda and torch.cuda.is_available() else torch.device("cpu")
 
 
 def seed_everything(seed: int, torch_deterministic: bool):
@@ -693,10 +774,11 @@ class GracefulStop:
             signal.signal(sig, handler)
 
 
-def log_episodes(writer, episodes, global_step: int, num_envs: int, recent: dict):
-    """Each finished episode at the step it ended; for Mario also where it got and whether it reached the flag."""
-    for step, episode in episodes:
-        at_step = global_step + (step + 1) * num_envs
+def log_episodes(writer, episodes, global_step: int, num_envs: int, world_size: int, recent: dict):
+    """Each finished episode (as (rank, (step index, episode))) at the step it ended; for Mario also where it got and
+    whether it reached the flag."""
+    for rank, (step, episode) in episodes:
+        at_step = global_step + ((step * world_size + rank) + 1) * num_envs
         writer.add_scalar("charts/episodic_return", episode["return"], at_step)
         writer.add_scalar("charts/episodic_length", episode["length"], at_step)
         recent["return"].append(episode["return"])
@@ -711,8 +793,11 @@ def log_episodes(writer, episodes, global_step: int, num_envs: int, recent: dict
 
 
 def train(args: Args) -> str:
-    """Train, or continue the run args.resume points at; returns the run directory."""
-    device = pick_device(args.cuda)
+    """Train, or continue the run args.resume points at; returns the run directory. Under torchrun, rank 0 alone
+    writes TensorBoard (with every rank's episodes) and checkpoints."""
+    rank, world_size, local_rank = setup_distributed(args.cuda)
+    is_main = rank == 0
+    device = pick_device(args.cuda, local_rank)
     checkpoint, checkpoint_path = None, None  # checkpoint_path: the newest good checkpoint of this run
     if args.resume:
         checkpoint_path = newest_checkpoint(args.resume)
@@ -724,9 +809,11 @@ def train(args: Args) -> str:
         run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join(args.runs_dir, run_name)
     check_env_id(args.env_id)
-    check_writable(run_dir)
-    batch_size = args.num_envs * args.num_steps
-    num_iterations = args.total_timesteps // batch_size
+    run_dir = broadcast_from_main(run_dir)  # the ranks may have started in different seconds
+    if is_main:
+        check_writable(run_dir)
+    batch_size = args.num_envs * args.num_steps  # per rank
+    num_iterations = args.total_timesteps // (batch_size * world_size)
 
     seed_everything(args.seed, args.torch_deterministic)
     envs = make_vector_env(args)
@@ -739,29 +826,40 @@ def train(args: Args) -> str:
         optimizer.load_state_dict(checkpoint["optimizer"])
         global_step, iteration = checkpoint["global_step"], checkpoint["iteration"]
         set_rng_states(checkpoint["rng"])
-        print(f"resuming {run_dir} at iteration {iteration}, step {global_step}")
-    # purge_step drops what the interrupted process logged after its checkpoint (steps > global_step): the curves go on
-    # without duplicate or missing points.
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
-    if not checkpoint:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        if is_main:
+            print(f"resuming {run_dir} at iteration {iteration}, step {global_step}")
+    if world_size > 1:
+        for tensor in agent.state_dict().values():
+            dist.broadcast(tensor, src=0)  # identical starting weights on every rank
+        torch.manual_seed(args.seed + 1000 * rank + iteration)  # but each rank samples its own actions
+    writer = None
+    if is_main:
+        # purge_step drops what an interrupted process logged after its checkpoint (steps > global_step): the curves
+        # go on without duplicate or missing points.
+        writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
+        if not checkpoint:
+            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, device)
     recent = {"return": deque(maxlen=20), "x_pos": deque(maxlen=20), "flag_get": deque(maxlen=100)}
     start_time, start_step = time.time(), global_step
     stop = GracefulStop()
     try:
-        next_obs, _ = envs.reset(seed=args.seed + iteration)
+        next_obs, _ = envs.reset(seed=args.seed + iteration + 10_000 * rank)
         next_obs = torch.as_tensor(next_obs, device=device)
         while iteration < num_iterations:
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - iteration / num_iterations)
             rollout_start = time.time()
-            next_obs, episodes = collect_rollout(envs, agent, rollout, next_obs, device, stop)
-            if stop.requested:  # an incomplete rollout is dropped: the checkpoint is the end of the last iteration
+            # Alone, a signal cuts the rollout short; under torchrun the ranks decide together after it.
+            next_obs, episodes = collect_rollout(envs, agent, rollout, next_obs, device, stop if world_size == 1 else None)
+            if any_rank(stop.requested, device):  # an incomplete rollout is dropped: the checkpoint ends the last iteration
+                stop.signum = stop.signum or signal.SIGTERM
                 break
-            rollout_sps = int(batch_size / (time.time() - rollout_start))
-            log_episodes(writer, episodes, global_step, args.num_envs, recent)
+            rollout_sps = int(batch_size * world_size / (time.time() - rollout_start))
+            episodes = gather_to_main(episodes)
+            if is_main:
+                log_episodes(writer, episodes, global_step, args.num_envs, world_size, recent)
 
             with torch.no_grad():
                 next_value = agent.get_value(next_obs)
@@ -777,43 +875,55 @@ def train(args: Args) -> str:
                 fail(f"non-finite {e} at iteration {iteration + 1}; stopped without saving; the last good checkpoint is "
                      f"{checkpoint_path or 'none (none was written yet)'}; lower --learning-rate or --max-grad-norm")
             iteration += 1
-            global_step += batch_size
+            global_step += batch_size * world_size
+            stopping = any_rank(stop.requested, device)
+            if stopping:
+                stop.signum = stop.signum or signal.SIGTERM
+            if is_main:
+                y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
+                var_y = np.var(y_true)
+                stats["explained_variance"] = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+                sps = int((global_step - start_step) / (time.time() - start_time))
+                writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+                for key, value in stats.items():
+                    writer.add_scalar(f"losses/{key}", value, global_step)
+                writer.add_scalar("charts/SPS", sps, global_step)
+                writer.add_scalar("charts/rollout_SPS", rollout_sps, global_step)
 
-            y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
-            var_y = np.var(y_true)
-            stats["explained_variance"] = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-            sps = int((global_step - start_step) / (time.time() - start_time))
-            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            for key, value in stats.items():
-                writer.add_scalar(f"losses/{key}", value, global_step)
-            writer.add_scalar("charts/SPS", sps, global_step)
-            writer.add_scalar("charts/rollout_SPS", rollout_sps, global_step)
-
-            line = f"iter {iteration}/{num_iterations}  step {global_step}  SPS {sps} (rollout {rollout_sps})"
-            if recent["return"]:
-                line += f"  return(last 20) {np.mean(recent['return']):.1f}"
-            if recent["x_pos"]:
-                line += f"  x_pos {np.mean(recent['x_pos']):.0f}  flags {np.mean(recent['flag_get']):.0%}"
-            print(line, flush=True)
-            if iteration % args.save_interval == 0 or iteration == num_iterations or stop.requested:
-                checkpoint_path = save_checkpoint(run_dir, agent, optimizer, args, global_step, iteration, envs)
-                print(f"saved {checkpoint_path}", flush=True)
-            if stop.requested:
+                line = f"iter {iteration}/{num_iterations}  step {global_step}  SPS {sps} (rollout {rollout_sps})"
+                if recent["return"]:
+                    line += f"  return(last 20) {np.mean(recent['return']):.1f}"
+                if recent["x_pos"]:
+                    line += f"  x_pos {np.mean(recent['x_pos']):.0f}  flags {np.mean(recent['flag_get']):.0%}"
+                print(line, flush=True)
+                if iteration % args.save_interval == 0 or iteration == num_iterations or stopping:
+                    checkpoint_path = save_checkpoint(run_dir, agent, optimizer, args, global_step, iteration, envs)
+                    print(f"saved {checkpoint_path}", flush=True)
+            if stopping:
                 break
-            if args.capture_video and (iteration % args.video_interval == 0 or iteration == num_iterations):
+            if is_main and args.capture_video and (iteration % args.video_interval == 0 or iteration == num_iterations):
                 evaluate(agent, args, device, episodes=1,
                          video_path=os.path.join(run_dir, "videos", f"iteration_{iteration:05d}.mp4"))
-        if stop.requested and (checkpoint_path is None or not checkpoint_path.endswith(f"step_{global_step:010d}.pt")):
+        if world_size > 1 and not stop.requested:
+            check_ranks_agree(agent, device)
+        if is_main and stop.requested and (checkpoint_path is None
+                                           or not checkpoint_path.endswith(f"step_{global_step:010d}.pt")):
             checkpoint_path = save_checkpoint(run_dir, agent, optimizer, args, global_step, iteration, envs)
             print(f"saved {checkpoint_path}", flush=True)
     except (EOFError, BrokenPipeError, ConnectionError) as e:
-        dead = [i for i, process in enumerate(envs.processes) if not process.is_alive()]
+        # The pipe can report the death before the process is reaped: wait for the first exit to name the worker.
+        ended = multiprocessing.connection.wait([process.sentinel for process in envs.processes], timeout=5)
+        dead = [i for i, process in enumerate(envs.processes) if process.sentinel in ended]
+        close_envs(envs, worker_died=True)
         fail(f"environment worker {', '.join(map(str, dead)) or '?'} ({args.env_id}) died ({type(e).__name__}) at step "
              f"{global_step}; continue from the last checkpoint with --resume {run_dir}")
     finally:
         close_envs(envs)
-        writer.close()
+        if writer:
+            writer.close()
         stop.restore()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if stop.requested:
         sys.exit(128 + stop.signum)
     return run_dir

@@ -1,5 +1,7 @@
 """CartPole-v1: steps and wall time until the mean of the last 20 training episodes reaches 475, per seed, for our
-defaults and, side by side in the same run, for CleanRL ppo.py's default hyperparameters run through the same script.
+defaults and, side by side in the same run, for CleanRL ppo.py's default hyperparameters run through the same script;
+then the mean of the last 20 training episodes at the end (does it stay solved?) and a greedy evaluation of the final
+model over 10 episodes.
 
     python benchmark/cartpole_learning.py                 # 5 seeds each, ~6 min on 2 cores
     python benchmark/cartpole_learning.py --seeds 1 2 --configs ours
@@ -46,7 +48,7 @@ def run_seed(config: str, seed: int, runs_dir: str) -> dict:
     eval_mean = float(re.search(r"return ([\d.]+) ±", evaluation).group(1))
     sps = int(curve.steps[-1] / curve.seconds[-1])
     return {"config": config, "seed": seed, "solve_step": crossing and crossing[0], "solve_seconds": crossing and crossing[1],
-            "total_seconds": wall, "sps": sps, "eval": eval_mean}
+            "total_seconds": wall, "sps": sps, "final": float(np.mean(curve.values[-20:])), "eval": eval_mean}
 
 
 def main():
@@ -63,10 +65,11 @@ def main():
                 rows.append(row)
                 print(f"{config:17s} seed {seed}: solved at "
                       + (f"{row['solve_step']:>7,} steps, {row['solve_seconds']:5.1f} s" if row["solve_step"] else "   never")
-                      + f"  | {row['sps']:,} SPS, greedy eval {row['eval']:.1f}", flush=True)
+                      + f"  | {row['sps']:,} SPS, last 20 at the end {row['final']:.1f}, greedy eval {row['eval']:.1f}", flush=True)
 
-    print("\n| config | seeds solved (mean-of-20 >= 475) | steps to solve (min-max) | seconds to solve (mean, max) | SPS | greedy eval (10 ep) |")
-    print("|-|-|-|-|-|-|")
+    print("\n| config | seeds solved (mean-of-20 >= 475) | steps to solve (min-max) | seconds to solve (mean, max) | SPS "
+          "| mean of last 20 at the end | greedy eval of the final model (10 ep) |")
+    print("|-|-|-|-|-|-|-|")
     summary = {}
     for config in args.configs:
         group = [r for r in rows if r["config"] == config]
@@ -76,7 +79,8 @@ def main():
         summary[config] = np.mean(seconds) if seconds else None
         print(f"| {config} | {len(solved)}/{len(group)} | "
               + (f"{min(steps):,}-{max(steps):,} | {np.mean(seconds):.1f}, {max(seconds):.1f} | " if solved else "- | - | ")
-              + f"{int(np.mean([r['sps'] for r in group])):,} | {np.mean([r['eval'] for r in group]):.1f} |")
+              + f"{int(np.mean([r['sps'] for r in group])):,} | {np.mean([r['final'] for r in group]):.1f} | "
+              + f"{np.mean([r['eval'] for r in group]):.1f} |")
     if summary.get("ours") and summary.get("cleanrl-defaults"):
         print(f"\nwall time to solve, cleanrl-defaults / ours: {summary['cleanrl-defaults'] / summary['ours']:.1f}x")
 

@@ -5,7 +5,8 @@
   3. Sync vs Async vector envs with random actions, for 1..--max-envs envs;
   4. the training loop's rollout (policy forward pass + stepping) against random-action stepping of the same vector env
      on the same worker processes (target: >= 0.9x);
-  5. whole training (rollout + update) SPS from a short real run.
+  5. whole training (rollout + update) SPS from a short real run with the default hyperparameters, and its peak memory
+     (RSS) with the share of the uint8 rollout buffer.
 
     python benchmark/mario_throughput.py                  # ~4 min on 2 cores
     python benchmark/mario_throughput.py --cuda --max-envs 16
@@ -13,6 +14,7 @@
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -116,19 +118,25 @@ def main():
     print(f"\nrollout with the policy, {n} Async envs: {rollout_median:,.0f} agent steps/s; random actions on the same "
           f"workers: {random_median:,.0f}; ratio {rollout_median / random_median:.2f}x (target >= 0.9x)")
 
-    # Whole training: a short real run; SPS from its TensorBoard events (last iteration, so start-up is amortised).
-    batch = n * 128
+    # Whole training: a short real run with the defaults (but --max-envs envs); SPS from its TensorBoard events (the
+    # last iteration, so start-up is amortised); peak RSS of the trainer process (the largest child waited for).
+    defaults = ppo_mario.Args(num_envs=n)
+    batch = n * defaults.num_steps
     with tempfile.TemporaryDirectory() as runs_dir:
         command = [sys.executable, os.path.join(ROOT, "ppo_mario.py"), "--env-id", ENV_ID, "--runs-dir", runs_dir,
-                   "--num-envs", str(n), "--num-steps", "128", "--num-minibatches", "4",
-                   "--total-timesteps", str(4 * batch)] + (["--cuda"] if args.cuda else [])
+                   "--num-envs", str(n), "--total-timesteps", str(3 * batch)] + (["--cuda"] if args.cuda else [])
         subprocess.run(command, check=True, capture_output=True)
+        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         (run_dir,) = [os.path.join(runs_dir, d) for d in os.listdir(runs_dir)]
         sps = load_curve(run_dir, "charts/SPS").values[-1]
         roll = load_curve(run_dir, "charts/rollout_SPS").values
-    print(f"whole training (4 iterations of {n} envs x 128 steps, 4 epochs of 4 minibatches): {sps:,.0f} SPS; "
-          f"its rollouts {np.median(roll):,.0f} SPS")
-
+    obs_bytes = batch * 4 * 84 * 84  # uint8 observations
+    other_bytes = batch * (8 + 7 * 4)  # actions (int64) and 7 float32 rows: logprobs, rewards, terminations, ...
+    print(f"whole training, defaults ({n} envs x {defaults.num_steps} steps, {defaults.update_epochs} epochs of "
+          f"{defaults.num_minibatches} minibatches): {sps:,.0f} SPS; its rollouts {np.median(roll):,.0f} SPS")
+    print(f"peak RSS of the trainer: {peak_rss / 2**20:,.0f} MiB; rollout buffer {(obs_bytes + other_bytes) / 2**20:,.1f} MiB "
+          f"({(obs_bytes + other_bytes) / peak_rss:.1%}); as float32 the observations alone would take "
+          f"{4 * obs_bytes / 2**20:,.1f} MiB")
 
 if __name__ == "__main__":
     main()

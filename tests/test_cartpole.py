@@ -146,9 +146,11 @@ def test_no_stored_transition_crosses_an_episode_boundary():
 # ----------------------------------------------------------------------------------------------------------- a real run
 
 def test_short_run_logs_cleanrl_keys_saves_a_checkpoint_and_eval_plays_it(tmp_path):
-    result = run_cli("--total-timesteps", "2048", "--runs-dir", str(tmp_path), "--seed", "7")
+    result = run_cli("--total-timesteps", "2048", "--runs-dir", str(tmp_path), "--seed", "7", "--capture-video")
     assert result.returncode == 0, result.stderr
     (run_dir,) = tmp_path.iterdir()
+    for name in ("before_training.gif", "after_training.gif"):  # one greedy episode each
+        assert (run_dir / name).stat().st_size > 10_000
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     assert set(CLEANRL_KEYS) <= set(events.Tags()["scalars"])

@@ -117,10 +117,12 @@ def test_no_stored_transition_crosses_a_real_episode_end():
 # ----------------------------------------------------------------------------------------------------------- real runs
 
 def test_short_training_run_logs_mario_keys_and_eval_plays_the_checkpoint(tmp_path):
-    result = run_cli("--total-timesteps", "512", "--runs-dir", str(tmp_path), "--stuck-timeout", "20", *TINY_RUN)
+    result = run_cli("--total-timesteps", "512", "--runs-dir", str(tmp_path), "--stuck-timeout", "20",
+                     "--capture-video", "--video-interval", "2", *TINY_RUN)
     assert result.returncode == 0, result.stderr
     assert "Gym has been unmaintained" not in result.stderr
     (run_dir,) = tmp_path.iterdir()
+    assert sorted(os.listdir(run_dir / "videos")) == ["iteration_00002.mp4", "iteration_00004.mp4"]
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
