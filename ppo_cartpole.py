@@ -703,8 +703,10 @@ def train(args: Args) -> str:
                     print(f"saved {checkpoint_path}", flush=True)
             if stopping:
                 break
-        if world_size > 1 and not stop.requested:
-            check_ranks_agree(agent, device)
+        if world_size > 1:
+            if not stop.requested:
+                check_ranks_agree(agent, device)
+            dist.barrier()  # no rank tears the process group down while another still uses it
         if is_main and stop.requested and (checkpoint_path is None
                                            or not checkpoint_path.endswith(f"step_{global_step:010d}.pt")):
             checkpoint_path = save_checkpoint(run_dir, agent, optimizer, args, global_step, iteration, envs)

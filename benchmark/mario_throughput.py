@@ -3,8 +3,8 @@
   1. the bare emulator (frames/s, one process, random joypad actions);
   2. one fully wrapped env (agent steps/s; each agent step is 4 frames);
   3. Sync vs Async vector envs with random actions, for 1..--max-envs envs;
-  4. the training loop's rollout (policy forward pass + stepping) against random-action stepping of the same vector env
-     on the same worker processes (target: >= 0.9x);
+  4. the training loop's rollout (acting + stepping, pipelined over two env groups) against random-action stepping of
+     the same envs on the same worker processes (target: >= 0.9x);
   5. whole training (rollout + update) SPS from a short real run with the default hyperparameters, and its peak memory
      (RSS) with the share of the uint8 rollout buffer.
 
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 
+import gymnasium as gym
 import numpy as np
 import torch
 
@@ -68,6 +69,18 @@ def random_vector_sps(envs, steps_per_env: int) -> float:
     return steps_per_env * envs.num_envs / (time.perf_counter() - start)
 
 
+def random_groups_sps(envs: ppo_mario.EnvGroups, steps_per_env: int) -> float:
+    """Random actions on the rollout's own workers, every group stepping at once."""
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(steps_per_env):
+        for g, group in enumerate(envs.slices):
+            envs.send(g, rng.integers(envs.single_action_space.n, size=group.stop - group.start))
+        for g in range(len(envs.groups)):
+            envs.receive(g)
+    return steps_per_env * envs.num_envs / (time.perf_counter() - start)
+
+
 def rollout_sps(envs, agent, rollout, next_obs, device) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
     next_obs, _ = ppo_mario.collect_rollout(envs, agent, rollout, next_obs, device)
@@ -95,27 +108,32 @@ def main():
     for n in counts:
         results = {}
         for sync in (True, False):
-            envs = ppo_mario.make_vector_env(ppo_mario.Args(env_id=ENV_ID, num_envs=n, sync_envs=sync))
+            vector_cls = gym.vector.SyncVectorEnv if sync else gym.vector.AsyncVectorEnv
+            envs = vector_cls([ppo_mario.make_env(ppo_mario.Args(env_id=ENV_ID))] * n,
+                              autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
             envs.reset(seed=0)
             results[sync] = random_vector_sps(envs, max(20, args.steps // n))
             envs.close()
         print(f"| {n} | {results[True]:,.0f} | {results[False]:,.0f} | {results[False] / results[True]:.2f}x |")
 
-    # Rollout vs random stepping: the same Async vector env and workers, measured alternately, median of 3 each.
+    # Rollout vs random stepping: the same env groups and workers, measured alternately, median of 3 each.
     n = args.max_envs
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as train() acts on the CPU: the emulator workers need the other cores
     config = ppo_mario.Args(env_id=ENV_ID, num_envs=n, num_steps=max(32, args.steps // n), cuda=args.cuda)
-    envs = ppo_mario.make_vector_env(config)
+    envs = ppo_mario.EnvGroups(config)
     agent = ppo_mario.Agent(4, envs.single_action_space.n).to(device)
     rollout = ppo_mario.Rollout.empty(config.num_steps, n, (4, 84, 84), device)
-    next_obs = torch.as_tensor(envs.reset(seed=0)[0], device=device)
+    next_obs = torch.as_tensor(envs.reset(seed=0), device=device)
     random_runs, rollout_runs = [], []
     for _ in range(3):
-        random_runs.append(random_vector_sps(envs, config.num_steps))
+        random_runs.append(random_groups_sps(envs, config.num_steps))
         sps, next_obs = rollout_sps(envs, agent, rollout, next_obs, device)
         rollout_runs.append(sps)
     envs.close()
     random_median, rollout_median = np.median(random_runs), np.median(rollout_runs)
-    print(f"\nrollout with the policy, {n} Async envs: {rollout_median:,.0f} agent steps/s; random actions on the same "
+    print(f"\nrollout with the policy, {n} Async envs in {len(envs.groups)} groups: {rollout_median:,.0f} agent steps/s; "
+          f"random actions on the same "
           f"workers: {random_median:,.0f}; ratio {rollout_median / random_median:.2f}x (target >= 0.9x)")
 
     # Whole training: a short real run with the defaults (but --max-envs envs); SPS from its TensorBoard events (the

@@ -9,8 +9,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ppo_mario import (Agent, Args, Rollout, collect_rollout, draw_action_probs, is_gymnasium_native, make_env,
-                       make_vector_env)
+from ppo_mario import (Agent, Args, EnvGroups, Rollout, collect_rollout, draw_action_probs, is_gymnasium_native,
+                       make_env)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE = "SuperMarioBros-1-1-v0"
@@ -85,13 +85,15 @@ def test_stuck_timeout_truncates_and_records_progress():
 
 # ----------------------------------------------------------------------------------------------------------- autoreset
 
-def test_no_stored_transition_crosses_a_real_episode_end():
-    args = Args(env_id=STAGE, num_envs=2, num_steps=60, stuck_timeout=4, sync_envs=True, seed=2)
-    envs = make_vector_env(args)
+@pytest.mark.parametrize("sync_envs, groups", [(True, 1), (False, 2)])  # (False, 2): the pipelined rollout
+def test_no_stored_transition_crosses_a_real_episode_end(sync_envs, groups):
+    args = Args(env_id=STAGE, num_envs=3, num_steps=100, stuck_timeout=4, sync_envs=sync_envs, seed=2)
+    envs = EnvGroups(args)
+    assert len(envs.groups) == groups
     torch.manual_seed(0)
     agent = Agent(4, envs.single_action_space.n)
     rollout = Rollout.empty(args.num_steps, args.num_envs, (4, 84, 84), "cpu")
-    first_obs, _ = envs.reset(seed=args.seed)
+    first_obs = envs.reset(seed=args.seed)
     _, episodes = collect_rollout(envs, agent, rollout, torch.as_tensor(first_obs), "cpu")
     envs.close()
 
