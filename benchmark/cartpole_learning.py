@@ -3,8 +3,9 @@ defaults and, side by side in the same run, for CleanRL ppo.py's default hyperpa
 then the mean of the last 20 training episodes at the end (does it stay solved?) and a greedy evaluation of the final
 model over 10 episodes.
 
-    python benchmark/cartpole_learning.py                 # 5 seeds each, ~6 min on 2 cores
+    python benchmark/cartpole_learning.py                 # 5 seeds each, ~7 min on 2 cores
     python benchmark/cartpole_learning.py --seeds 1 2 --configs ours
+    python benchmark/cartpole_learning.py --runs-dir runs/cartpole-bench --plot benchmark/cartpole_curves.png
 """
 
 import argparse
@@ -14,10 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare_runs  # noqa: E402
 from tbcurves import first_crossing, load_curve  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,10 +58,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--runs-dir", help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--plot", help="also draw mean ± std of the episodic return per config to this PNG")
     args = parser.parse_args()
 
     rows = []
-    with tempfile.TemporaryDirectory() as runs_dir:
+    with (nullcontext(args.runs_dir) if args.runs_dir else tempfile.TemporaryDirectory()) as runs_dir:
         for config in args.configs:
             for seed in args.seeds:
                 row = run_seed(config, seed, runs_dir)
@@ -66,6 +71,8 @@ def main():
                 print(f"{config:17s} seed {seed}: solved at "
                       + (f"{row['solve_step']:>7,} steps, {row['solve_seconds']:5.1f} s" if row["solve_step"] else "   never")
                       + f"  | {row['sps']:,} SPS, last 20 at the end {row['final']:.1f}, greedy eval {row['eval']:.1f}", flush=True)
+        if args.plot:
+            compare_runs.main([os.path.join(runs_dir, "*", "*"), "--threshold", "475", "--out", args.plot])
 
     print("\n| config | seeds solved (mean-of-20 >= 475) | steps to solve (min-max) | seconds to solve (mean, max) | SPS "
           "| mean of last 20 at the end | greedy eval of the final model (10 ep) |")

@@ -33,22 +33,8 @@ from tbcurves import load_curve  # noqa: E402
 ENV_ID = "SuperMarioBros-1-1-v0"
 
 
-def emulator_fps(frames: int) -> float:
-    env = ppo_mario.make_mario_base_env(ENV_ID, "simple", render=False)
-    env.reset(seed=0)
-    rng = np.random.default_rng(0)
-    start = time.perf_counter()
-    for _ in range(frames):
-        _, _, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
-        if terminated or truncated:
-            env.reset()
-    fps = frames / (time.perf_counter() - start)
-    env.close()
-    return fps
-
-
-def single_env_sps(steps: int) -> float:
-    env = ppo_mario.make_env(ppo_mario.Args(env_id=ENV_ID))()
+def random_steps_per_second(env, steps: int) -> float:
+    """Step one env with random actions (resetting at episode ends); steps per second."""
     env.reset(seed=0)
     rng = np.random.default_rng(0)
     start = time.perf_counter()
@@ -56,9 +42,9 @@ def single_env_sps(steps: int) -> float:
         _, _, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
         if terminated or truncated:
             env.reset()
-    sps = steps / (time.perf_counter() - start)
+    rate = steps / (time.perf_counter() - start)
     env.close()
-    return sps
+    return rate
 
 
 def random_vector_sps(envs, steps_per_env: int) -> float:
@@ -97,8 +83,8 @@ def main():
     print(f"machine: {os.cpu_count()} CPU cores, device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
 
-    frames = emulator_fps(4 * args.steps)
-    single = single_env_sps(args.steps)
+    frames = random_steps_per_second(ppo_mario.make_mario_base_env(ENV_ID, "simple", render=False), 4 * args.steps)
+    single = random_steps_per_second(ppo_mario.make_env(ppo_mario.Args(env_id=ENV_ID))(), args.steps)
     print(f"\n| what | throughput |\n|-|-|")
     print(f"| bare emulator, 1 process | {frames:,.0f} frames/s ({frames / 4:,.0f} agent steps/s of 4 frames) |")
     print(f"| one wrapped env (skip 4, gray, 84x84, stack 4) | {single:,.0f} agent steps/s ({single / (frames / 4):.2f}x the bare emulator) |")
