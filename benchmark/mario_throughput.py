@@ -85,7 +85,7 @@ def main():
 
     frames = random_steps_per_second(ppo_mario.make_mario_base_env(ENV_ID, "simple", render=False), 4 * args.steps)
     single = random_steps_per_second(ppo_mario.make_env(ppo_mario.Args(env_id=ENV_ID))(), args.steps)
-    print(f"\n| what | throughput |\n|-|-|")
+    print("\n| what | throughput |\n|-|-|")
     print(f"| bare emulator, 1 process | {frames:,.0f} frames/s ({frames / 4:,.0f} agent steps/s of 4 frames) |")
     print(f"| one wrapped env (skip 4, gray, 84x84, stack 4) | {single:,.0f} agent steps/s ({single / (frames / 4):.2f}x the bare emulator) |")
 

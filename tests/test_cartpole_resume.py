@@ -3,58 +3,23 @@
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "ppo_cartpole.py")
+from tests.helpers import children_of, only_run_dir, run_script, scalars, start_script
+
+SCRIPT = "ppo_cartpole.py"
 
 
 def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-STARTED = []
-
-
-@pytest.fixture(autouse=True)
-def kill_leftovers():
-    """Whatever a test started dies with it, even when the test fails or times out."""
-    yield
-    while STARTED:
-        process = STARTED.pop()
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    return run_script(SCRIPT, *args, timeout=timeout)
 
 
 def start_cli(*args):
-    """A training process in its own process group, as a terminal would start it."""
-    process = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=ROOT, start_new_session=True)
-    STARTED.append(process)
-    return process
-
-
-def scalars(run_dir, tag):
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
-
-
-def children_of(pid):
-    return subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-
-
-def only_run_dir(runs_dir):
-    (run_dir,) = [os.path.join(runs_dir, name) for name in os.listdir(runs_dir)]
-    return run_dir
+    return start_script(SCRIPT, *args)
 
 
 def test_checkpoints_hold_the_whole_state_and_only_the_newest_are_kept(tmp_path):

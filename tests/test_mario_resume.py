@@ -3,53 +3,22 @@
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import numpy as np
-import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "ppo_mario.py")
+from tests.helpers import children_of, only_run_dir, run_script, scalars, start_script
+
+SCRIPT = "ppo_mario.py"
 TINY_RUN = ["--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2", "--update-epochs", "1"]
 
 
 def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-STARTED = []
-
-
-@pytest.fixture(autouse=True)
-def kill_leftovers():
-    """Whatever a test started dies with it, even when the test fails or times out."""
-    yield
-    while STARTED:
-        process = STARTED.pop()
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    return run_script(SCRIPT, *args, timeout=timeout)
 
 
 def start_cli(*args):
-    process = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=ROOT, start_new_session=True)
-    STARTED.append(process)
-    return process
-
-
-def only_run_dir(runs_dir):
-    (run_dir,) = [os.path.join(runs_dir, name) for name in os.listdir(runs_dir)]
-    return run_dir
-
-
-def scalars(run_dir, tag):
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
+    return start_script(SCRIPT, *args)
 
 
 def test_resume_goes_on_with_continuous_curves(tmp_path):
@@ -74,7 +43,7 @@ def test_resume_goes_on_with_continuous_curves(tmp_path):
 def test_sigterm_to_the_group_checkpoints_and_leaves_no_emulator_behind(tmp_path):
     process = start_cli("--total-timesteps", "1000000", "--runs-dir", str(tmp_path), *TINY_RUN)
     assert process.stdout.readline().startswith("iter 1/")
-    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    workers = children_of(process.pid)
     assert len(workers) == 2
     os.killpg(process.pid, signal.SIGTERM)
     out, err = process.communicate(timeout=120)
@@ -90,7 +59,7 @@ def test_sigterm_to_the_group_checkpoints_and_leaves_no_emulator_behind(tmp_path
 def test_a_dead_emulator_worker_is_a_clear_error(tmp_path):
     process = start_cli("--total-timesteps", "1000000", "--runs-dir", str(tmp_path), *TINY_RUN)
     assert process.stdout.readline().startswith("iter 1/")
-    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    workers = children_of(process.pid)
     os.kill(int(workers[0]), signal.SIGKILL)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 1 and len(err.strip().splitlines()) == 1
