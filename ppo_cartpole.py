@@ -251,10 +251,9 @@ class Rollout:
     @classmethod
     def empty(cls, num_steps: int, num_envs: int, obs_shape: tuple, device):
         shape = (num_steps, num_envs)
-        tensors = {f.name: torch.zeros(shape, device=device) for f in fields(cls)}
-        tensors["obs"] = torch.zeros(shape + obs_shape, device=device)
-        tensors["actions"] = torch.zeros(shape, dtype=torch.long, device=device)
-        return cls(**tensors)
+        tensors = {f.name: torch.zeros(shape, device=device) for f in fields(cls) if f.name not in ("obs", "actions")}
+        return cls(obs=torch.zeros(shape + obs_shape, device=device),
+                   actions=torch.zeros(shape, dtype=torch.long, device=device), **tensors)
 
 
 def collect_rollout(envs, agent, rollout: Rollout, next_obs, device, stop=None):
@@ -592,6 +591,13 @@ class GracefulStop:
         print(f"\n{signal.Signals(signum).name}: stopping after the current step and writing a checkpoint "
               "(send it again to quit at once)", file=sys.stderr, flush=True)
 
+    def agreed(self, device) -> bool:
+        """Whether to stop now. Under torchrun, true on every rank once any rank got a signal; a rank that got none
+        exits as for SIGTERM."""
+        if any_rank(self.requested, device) and not self.requested:
+            self.signum = signal.SIGTERM
+        return self.requested
+
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
@@ -658,8 +664,7 @@ def train(args: Args) -> str:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - iteration / num_iterations)
             # Alone, a signal cuts the rollout short; under torchrun the ranks decide together after it.
             next_obs, episodes = collect_rollout(envs, agent, rollout, next_obs, device, stop if world_size == 1 else None)
-            if any_rank(stop.requested, device):  # an incomplete rollout is dropped: the checkpoint ends the last iteration
-                stop.signum = stop.signum or signal.SIGTERM
+            if stop.agreed(device):  # an incomplete rollout is dropped: the checkpoint ends the last iteration
                 break
             for rank_of, (step, episode_return, episode_length) in gather_to_main(episodes):
                 at_step = global_step + ((step * world_size + rank_of) + 1) * args.num_envs
@@ -682,9 +687,6 @@ def train(args: Args) -> str:
                      f"{checkpoint_path or 'none (none was written yet)'}; lower --learning-rate or --max-grad-norm")
             iteration += 1
             global_step += batch_size * world_size
-            stopping = any_rank(stop.requested, device)
-            if stopping:
-                stop.signum = stop.signum or signal.SIGTERM
             if is_main:
                 y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
                 var_y = np.var(y_true)
@@ -698,15 +700,16 @@ def train(args: Args) -> str:
                     mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "-"
                     print(f"iter {iteration}/{num_iterations}  step {global_step}  SPS {sps}  return(last 20) {mean_return}",
                           flush=True)
-                if iteration % args.save_interval == 0 or iteration == num_iterations or stopping:
+                if iteration % args.save_interval == 0 or iteration == num_iterations:
                     checkpoint_path = save_checkpoint(run_dir, agent, optimizer, args, global_step, iteration, envs)
                     print(f"saved {checkpoint_path}", flush=True)
-            if stopping:
+            if stop.agreed(device):  # a signal arrived during the update
                 break
         if world_size > 1:
             if not stop.requested:
                 check_ranks_agree(agent, device)
             dist.barrier()  # no rank tears the process group down while another still uses it
+        # On a signal, the state at the end of the last complete iteration, unless that checkpoint exists already.
         if is_main and stop.requested and (checkpoint_path is None
                                            or not checkpoint_path.endswith(f"step_{global_step:010d}.pt")):
             checkpoint_path = save_checkpoint(run_dir, agent, optimizer, args, global_step, iteration, envs)

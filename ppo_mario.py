@@ -809,6 +809,13 @@ class GracefulStop:
         print(f"\n{signal.Signals(signum).name}: stopping after the current step and writing a checkpoint "
               "(send it again to quit at once)", file=sys.stderr, flush=True)
 
+    def agreed(self, device) -> bool:
+        """Whether to stop now. Under torchrun, true on every rank once any rank got a signal; a rank that got none
+        exits as for SIGTERM."""
+        if any_rank(self.requested, device) and not self.requested:
+            self.signum = signal.SIGTERM
+        return self.requested
+
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
@@ -898,8 +905,7 @@ def train(args: Args) -> str:
             # Alone, a signal cuts the rollout short; under torchrun the ranks decide together after it.
             next_obs, episodes = collect_rollout(envs, agent, rollout, next_obs, device, stop if world_size == 1 else None)
             torch.set_num_threads(update_threads)
-            if any_rank(stop.requested, device):  # an incomplete rollout is dropped: the checkpoint ends the last iteration
-                stop.signum = stop.signum or signal.SIGTERM
+            if stop.agreed(device):  # an incomplete rollout is dropped: the checkpoint ends the last iteration
                 break
             rollout_sps = int(batch_size * world_size / (time.time() - rollout_start))
             episodes = gather_to_main(episodes)
@@ -921,9 +927,6 @@ def train(args: Args) -> str:
                      f"{checkpoint_path or 'none (none was written yet)'}; lower --learning-rate or --max-grad-norm")
             iteration += 1
             global_step += batch_size * world_size
-            stopping = any_rank(stop.requested, device)
-            if stopping:
-                stop.signum = stop.signum or signal.SIGTERM
             if is_main:
                 y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
                 var_y = np.var(y_true)
@@ -941,10 +944,10 @@ def train(args: Args) -> str:
                 if recent["x_pos"]:
                     line += f"  x_pos {np.mean(recent['x_pos']):.0f}  flags {np.mean(recent['flag_get']):.0%}"
                 print(line, flush=True)
-                if iteration % args.save_interval == 0 or iteration == num_iterations or stopping:
+                if iteration % args.save_interval == 0 or iteration == num_iterations:
                     checkpoint_path = save_checkpoint(run_dir, agent, optimizer, args, global_step, iteration, envs)
                     print(f"saved {checkpoint_path}", flush=True)
-            if stopping:
+            if stop.agreed(device):  # a signal arrived during the update
                 break
             if is_main and args.capture_video and (iteration % args.video_interval == 0 or iteration == num_iterations):
                 evaluate(agent, args, device, episodes=1,
@@ -953,6 +956,7 @@ def train(args: Args) -> str:
             if not stop.requested:
                 check_ranks_agree(agent, device)
             dist.barrier()  # no rank tears the process group down while another still uses it
+        # On a signal, the state at the end of the last complete iteration, unless that checkpoint exists already.
         if is_main and stop.requested and (checkpoint_path is None
                                            or not checkpoint_path.endswith(f"step_{global_step:010d}.pt")):
             checkpoint_path = save_checkpoint(run_dir, agent, optimizer, args, global_step, iteration, envs)
