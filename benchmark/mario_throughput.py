@@ -8,7 +8,7 @@
   5. whole training (rollout + update) SPS from a short real run with the default hyperparameters, and its peak memory
      (RSS) with the share of the uint8 rollout buffer.
 
-    python benchmark/mario_throughput.py                  # ~4 min on 2 cores
+    python benchmark/mario_throughput.py                  # ~5 min on 2 cores
     python benchmark/mario_throughput.py --cuda --max-envs 16
 """
 
@@ -75,7 +75,8 @@ def rollout_sps(envs, agent, rollout, next_obs, device) -> tuple[float, torch.Te
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-envs", type=int, default=max(2, os.cpu_count() or 2))
+    parser.add_argument("--max-envs", type=int, default=ppo_mario.Args().num_envs,
+                        help="largest env count measured; the rollout and the training run use it (default: ppo_mario's)")
     parser.add_argument("--steps", type=int, default=300, help="agent steps per env per measurement")
     parser.add_argument("--cuda", action="store_true")
     args = parser.parse_args()

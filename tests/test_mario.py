@@ -14,7 +14,7 @@ from ppo_mario import (Agent, Args, EnvGroups, Rollout, collect_rollout, draw_ac
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE = "SuperMarioBros-1-1-v0"
-RIGHT, RIGHT_JUMP = 1, 2  # indices in the "simple" action set
+RIGHT, RIGHT_JUMP = 1, 2  # indices in the right_only (default) and simple action sets
 TINY_RUN = ["--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2", "--update-epochs", "1"]
 
 
@@ -137,7 +137,7 @@ def test_short_training_run_logs_mario_keys_and_eval_plays_the_checkpoint(tmp_pa
     assert all(0 < e.value < 3300 for e in events.Scalars("mario/x_pos"))
 
     checkpoint = torch.load(run_dir / "checkpoints" / "step_0000000512.pt", weights_only=True)
-    assert checkpoint["env_id"] == STAGE and checkpoint["num_actions"] == 7 and checkpoint["global_step"] == 512
+    assert checkpoint["env_id"] == STAGE and checkpoint["num_actions"] == 5 and checkpoint["global_step"] == 512
 
     video = tmp_path / "eval.mp4"
     result = run_cli("--eval-checkpoint", str(run_dir), "--eval-episodes", "2", "--stuck-timeout", "20",

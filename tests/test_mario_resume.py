@@ -31,13 +31,13 @@ def test_resume_goes_on_with_continuous_curves(tmp_path):
 
     result = run_cli("--resume", str(resumed_dir), "--action-set", "complex")
     assert result.returncode == 0, result.stderr
-    assert "warning: --action-set complex ignored: the resumed run keeps simple" in result.stderr
+    assert "warning: --action-set complex ignored: the resumed run keeps right_only" in result.stderr
     assert f"resuming {resumed_dir} at iteration 3, step 384" in result.stdout
     lr = scalars(resumed_dir, "charts/learning_rate")
     assert [step for step, _ in lr] == [128 * i for i in range(1, 7)]
     np.testing.assert_allclose([v for _, v in lr], [v for _, v in scalars(straight_dir, "charts/learning_rate")], rtol=1e-6)
     final = torch.load(resumed_dir / "checkpoints" / "step_0000000768.pt", weights_only=True)
-    assert final["iteration"] == 6 and final["action_set"] == "simple" and final["num_actions"] == 7
+    assert final["iteration"] == 6 and final["action_set"] == "right_only" and final["num_actions"] == 5
 
 
 def test_sigterm_to_the_group_checkpoints_and_leaves_no_emulator_behind(tmp_path):
@@ -71,5 +71,5 @@ def test_a_checkpoint_for_another_env_is_refused_naming_both(tmp_path):
     assert run_cli("--total-timesteps", "128", "--runs-dir", str(tmp_path), *TINY_RUN).returncode == 0
     result = run_cli("--eval-checkpoint", only_run_dir(tmp_path), "--env-id", "ALE/Breakout-v5")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert ("is for SuperMarioBros-1-1-v0 (observations [4, 84, 84], 7 actions), not ALE/Breakout-v5 "
+    assert ("is for SuperMarioBros-1-1-v0 (observations [4, 84, 84], 5 actions), not ALE/Breakout-v5 "
             "(observations [4, 84, 84], 4 actions)") in result.stderr

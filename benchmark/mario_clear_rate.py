@@ -1,0 +1,118 @@
+"""Greedy clear rate of Mario checkpoints.
+
+Each checkpoint (every checkpoint of a run directory, or the .pt files given) plays N greedy episodes with
+ppo_mario.py's own evaluation code, each after a random number of no-op steps so that episodes differ. Prints a table
+(step, clear rate, mean x_pos) and the first step whose clear rate reaches --target; for a run directory also writes
+clear_rate.csv and clear_rate.png beside its checkpoints. --export writes the newest checkpoint that reached the
+target as a model file for evaluation only (the weights and what evaluation needs; no optimizer, no RNG states).
+
+    python benchmark/mario_clear_rate.py models/SuperMarioBros-1-1-v0.pt --episodes 30     # the shipped model
+    python benchmark/mario_clear_rate.py runs/<run> --episodes 10 --target 0.9 --export models/SuperMarioBros-1-1-v0.pt
+"""
+
+import argparse
+import csv
+import glob
+import os
+import sys
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import ppo_mario  # noqa: E402
+
+# What `ppo_mario.py --eval-checkpoint` reads from a checkpoint; an exported model keeps only these.
+MODEL_KEYS = ("model", "global_step", "args", "env_id", "action_set", "obs_shape", "num_actions")
+
+
+def clear_rate(path: str, episodes: int, seed: int) -> dict:
+    """Greedy episodes of one checkpoint, as `ppo_mario.py --eval-checkpoint PATH --eval-episodes N` plays them."""
+    checkpoint = ppo_mario.load_checkpoint(path, "cpu")
+    args = ppo_mario.Args(env_id=checkpoint["env_id"], action_set=checkpoint["action_set"], seed=seed)
+    env = ppo_mario.make_env(args)()
+    agent = ppo_mario.load_agent(checkpoint, path, list(env.observation_space.shape), int(env.action_space.n),
+                                 args.env_id, "cpu")
+    env.close()
+    results = ppo_mario.evaluate(agent, args, "cpu", episodes)
+    return {"path": path, "step": checkpoint["global_step"], "episodes": episodes,
+            "clear_rate": float(np.mean([r["flag_get"] for r in results])),
+            "mean_x_pos": float(np.mean([r["x_pos"] for r in results])),
+            "mean_return": float(np.mean([r["return"] for r in results]))}
+
+
+def export_model(checkpoint_path: str, out: str):
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    torch.save({key: checkpoint[key] for key in MODEL_KEYS}, f"{out}.tmp")
+    os.replace(f"{out}.tmp", out)
+    print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB) from {checkpoint_path}")
+
+
+def plot(rows: list[dict], target: float, out: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["clear_rate"] for r in rows], marker="o")
+    ax.axhline(target, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("agent steps")
+    ax.set_ylabel(f"greedy clear rate ({rows[0]['episodes']} episodes)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="run directories and/or checkpoint files")
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=1, help="seeds the no-op starts (and the envs)")
+    parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--every", type=int, default=1, help="evaluate every k-th checkpoint of a run (and the last)")
+    parser.add_argument("--export", help="write the newest checkpoint that reached --target here as a model file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    checkpoints, run_dir = [], None
+    for path in args.paths:
+        if os.path.isdir(path):
+            found = sorted(glob.glob(os.path.join(path, "checkpoints", "step_*.pt")))
+            if not found:
+                sys.exit(f"error: no checkpoints/step_*.pt in {path}")
+            checkpoints += found[::-1][::args.every][::-1]  # every k-th, counted back from the newest
+            run_dir = path
+        elif os.path.isfile(path):
+            checkpoints.append(path)
+        else:
+            sys.exit(f"error: {path} is neither a run directory nor a checkpoint file")
+
+    print("| checkpoint | step | greedy episodes | cleared | mean x_pos | mean return |")
+    print("|-|-|-|-|-|-|")
+    rows = []
+    for path in checkpoints:
+        row = clear_rate(path, args.episodes, args.seed)
+        rows.append(row)
+        print(f"| {os.path.basename(path)} | {row['step']:,} | {row['episodes']} | {row['clear_rate']:.0%} | "
+              f"{row['mean_x_pos']:.0f} | {row['mean_return']:.1f} |", flush=True)
+
+    reached = [row for row in rows if row["clear_rate"] >= args.target]
+    print(f"first checkpoint clearing >= {args.target:.0%}: " + (f"step {reached[0]['step']:,}" if reached else "none"))
+    if run_dir is not None:
+        with open(os.path.join(run_dir, "clear_rate.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        plot(rows, args.target, os.path.join(run_dir, "clear_rate.png"))
+        print(f"wrote {os.path.join(run_dir, 'clear_rate.csv')} and clear_rate.png")
+    if args.export:
+        if not reached:
+            sys.exit(f"error: no checkpoint reached a clear rate of {args.target:.0%}; nothing exported")
+        export_model(reached[-1]["path"], args.export)
+
+
+if __name__ == "__main__":
+    main()
