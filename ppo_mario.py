@@ -99,8 +99,9 @@ class Args:
     """multiplies the whole reward the agent learns from (episodic_return logs the env's own reward)"""
 
     # Algorithm
-    total_timesteps: int = 5_000_000
-    """total agent steps (each is 4 emulator frames) to train for, summed over torchrun ranks"""
+    total_timesteps: int = 2_000_000
+    """total agent steps (each is 4 emulator frames) to train for, summed over torchrun ranks; the learning rate
+    anneals over it (the shipped 1-1 model comes from a 2M-step run)"""
     learning_rate: float = 2.5e-4
     """Adam learning rate at the start of training"""
     anneal_lr: bool = True
