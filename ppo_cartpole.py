@@ -643,7 +643,6 @@ def train(args: Args) -> str:
             dist.broadcast(tensor, src=0)  # identical starting weights on every rank
         torch.manual_seed(args.seed + 1000 * rank + iteration)  # but each rank samples its own actions
     writer = None
-    ranks_finished = False  # every rank left the training loop normally
     if is_main:
         # purge_step drops what an interrupted process logged after its checkpoint (steps > global_step): the curves
         # go on without duplicate or missing points.
@@ -709,7 +708,7 @@ def train(args: Args) -> str:
         if world_size > 1:
             if not stop.requested:
                 check_ranks_agree(agent, device)
-            ranks_finished = True
+            dist.barrier()  # no rank tears the process group down while another still uses it
         # On a signal, the state at the end of the last complete iteration, unless that checkpoint exists already.
         if is_main and stop.requested and (checkpoint_path is None
                                            or not checkpoint_path.endswith(f"step_{global_step:010d}.pt")):
@@ -728,8 +727,6 @@ def train(args: Args) -> str:
             writer.close()
         stop.restore()
         if dist.is_initialized():
-            if ranks_finished:
-                dist.barrier()  # all ranks have closed their envs and writer: none tears the group down early
             dist.destroy_process_group()
     if stop.requested:
         sys.exit(128 + stop.signum)
