@@ -1063,9 +1063,9 @@ def load_agent(checkpoint: dict, path: str, envs_obs_shape: list, num_actions: i
     return agent
 
 
-def run_evaluation(args: Args):
-    device = pick_device(args.cuda)
-    path = newest_checkpoint(args.eval_checkpoint)
+def load_for_evaluation(path: str, args: Args, device) -> tuple[Agent, dict]:
+    """The agent saved in checkpoint `path` and the checkpoint; args takes the checkpoint's action set, and its env id
+    unless one was given."""
     checkpoint = load_checkpoint(path, device)
     args.env_id = args.env_id or checkpoint["env_id"]
     args.action_set = checkpoint["action_set"]
@@ -1074,6 +1074,13 @@ def run_evaluation(args: Args):
     agent = load_agent(checkpoint, path, list(env.observation_space.shape), int(env.action_space.n),
                        args.env_id, device)
     env.close()
+    return agent, checkpoint
+
+
+def run_evaluation(args: Args):
+    device = pick_device(args.cuda)
+    path = newest_checkpoint(args.eval_checkpoint)
+    agent, _ = load_for_evaluation(path, args, device)
     video_path = args.video_path or os.path.splitext(path)[0] + "-eval.mp4"
     results = evaluate(agent, args, device, args.eval_episodes, video_path)
 

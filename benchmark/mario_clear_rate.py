@@ -29,12 +29,8 @@ MODEL_KEYS = ("model", "global_step", "args", "env_id", "action_set", "obs_shape
 
 def clear_rate(path: str, episodes: int, seed: int) -> dict:
     """Greedy episodes of one checkpoint, as `ppo_mario.py --eval-checkpoint PATH --eval-episodes N` plays them."""
-    checkpoint = ppo_mario.load_checkpoint(path, "cpu")
-    args = ppo_mario.Args(env_id=checkpoint["env_id"], action_set=checkpoint["action_set"], seed=seed)
-    env = ppo_mario.make_env(args)()
-    agent = ppo_mario.load_agent(checkpoint, path, list(env.observation_space.shape), int(env.action_space.n),
-                                 args.env_id, "cpu")
-    env.close()
+    args = ppo_mario.Args(seed=seed)
+    agent, checkpoint = ppo_mario.load_for_evaluation(path, args, "cpu")
     results = ppo_mario.evaluate(agent, args, "cpu", episodes)
     return {"path": path, "step": checkpoint["global_step"], "episodes": episodes,
             "clear_rate": float(np.mean([r["flag_get"] for r in results])),

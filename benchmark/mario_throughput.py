@@ -8,7 +8,7 @@
   5. whole training (rollout + update) SPS from a short real run with the default hyperparameters, and its peak memory
      (RSS) with the share of the uint8 rollout buffer.
 
-    python benchmark/mario_throughput.py                  # ~5 min on 2 cores
+    python benchmark/mario_throughput.py                  # a few minutes on 2 cores
     python benchmark/mario_throughput.py --cuda --max-envs 16
 """
 
