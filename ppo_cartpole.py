@@ -408,6 +408,10 @@ def setup_distributed(want_cuda: bool) -> tuple[int, int, int]:
     use_cuda = want_cuda and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
+    # torch.optim imports torch._dynamo on first use; imported after the group exists, it keeps references to it that
+    # outlive destroy_process_group, so gloo's worker threads run on into interpreter shutdown, where one can abort the
+    # process ("terminate called without an active exception"). Imported first, the group dies with destroy.
+    import torch._dynamo  # noqa: F401
     dist.init_process_group("nccl" if use_cuda else "gloo")
     return dist.get_rank(), world_size, local_rank
 

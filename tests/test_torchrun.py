@@ -57,3 +57,27 @@ def test_target_kl_early_stop_is_joint(tmp_path):
     result = torchrun("ppo_cartpole.py", "--total-timesteps", "4096", "--target-kl", "1e-9", "--runs-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "weights identical on all 2 ranks" in result.stdout
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process's threads from /proc")
+@pytest.mark.parametrize("module", ["ppo_cartpole", "ppo_mario"])
+def test_destroy_process_group_ends_the_gloo_threads(tmp_path, module):
+    # A gloo worker thread still running at interpreter shutdown can abort a finished run (SIGABRT, "terminate called
+    # without an active exception"): after destroy_process_group none may be left, even once the optimizer has loaded
+    # torch._dynamo as train() does.
+    script = tmp_path / "teardown.py"
+    script.write_text(f"""
+import os, sys
+sys.path.insert(0, {ROOT!r})
+import torch, torch.distributed as dist
+import {module}
+{module}.setup_distributed(want_cuda=False)
+torch.optim.Adam(torch.nn.Linear(2, 2).parameters())
+dist.all_reduce(torch.ones(1))
+dist.destroy_process_group()
+print("threads:", sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")))
+""")
+    result = torchrun(str(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    threads = [line for line in result.stdout.splitlines() if line.startswith("threads:")]
+    assert len(threads) == 2 and not any("gloo" in line for line in threads), threads
