@@ -844,6 +844,7 @@ def log_episodes(writer, episodes, global_step: int, num_envs: int, world_size: 
             writer.add_scalar("mario/x_pos", episode["x_pos"], at_step)
             writer.add_scalar("mario/max_x_pos", episode["max_x_pos"], at_step)
             writer.add_scalar("mario/flag_get", np.mean(recent["flag_get"]), at_step)
+            writer.add_scalar("mario/episode_flag_get", float(episode["flag_get"]), at_step)  # 0/1, for any window
             writer.add_scalar("mario/world", episode["world"], at_step)
             writer.add_scalar("mario/stage", episode["stage"], at_step)
 
