@@ -18,36 +18,46 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tbcurves import load_curve  # noqa: E402
 
 
-def main():
+def episode_windows(run_dir: str, window: int, flag_x: int | None = None) -> tuple[list[dict], int | None]:
+    """One row per window of `window` agent steps (episodes ending in (start, end]) and the step of the first flag."""
+    max_x = load_curve(run_dir, "mario/max_x_pos")
+    if max_x is None:
+        sys.exit(f"error: {run_dir} has no mario/max_x_pos events; give the directory of a Mario run")
+    flags = load_curve(run_dir, "mario/episode_flag_get")
+    if flags is not None:
+        cleared = flags.values > 0.5
+    elif flag_x is not None:
+        cleared = load_curve(run_dir, "mario/x_pos").values >= flag_x
+    else:
+        sys.exit(f"error: {run_dir} has no mario/episode_flag_get events (an older run); "
+                 f"give the stage's flag position with --flag-x (3161 on 1-1)")
+    rows, last = [], int(max_x.steps[-1])
+    for start in range(0, last, window):
+        end = min(start + window, last)
+        in_window = (max_x.steps > start) & (max_x.steps <= end)
+        if in_window.any():
+            rows.append({"start": start, "end": end, "episodes": int(in_window.sum()),
+                         "mean_max_x_pos": float(max_x.values[in_window].mean()),
+                         "flag_rate": float(cleared[in_window].mean())})
+    first_flag = int(max_x.steps[np.argmax(cleared)]) if cleared.any() else None
+    return rows, first_flag
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
     parser.add_argument("--window", type=int, default=100_000, help="agent steps per row")
     parser.add_argument("--flag-x", type=int, help="x_pos of the flag, for runs without mario/episode_flag_get")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    max_x = load_curve(args.run_dir, "mario/max_x_pos")
-    if max_x is None:
-        sys.exit(f"error: {args.run_dir} has no mario/max_x_pos events; give the directory of a Mario run")
-    flags = load_curve(args.run_dir, "mario/episode_flag_get")
-    if flags is not None:
-        cleared = flags.values > 0.5
-    elif args.flag_x is not None:
-        cleared = load_curve(args.run_dir, "mario/x_pos").values >= args.flag_x
-    else:
-        sys.exit(f"error: {args.run_dir} has no mario/episode_flag_get events (an older run); "
-                 f"give the stage's flag position with --flag-x (3161 on 1-1)")
-
-    first = max_x.steps[np.argmax(cleared)] if cleared.any() else None
+    rows, first_flag = episode_windows(args.run_dir, args.window, args.flag_x)
     print("| steps | episodes | mean max x_pos | flag rate |")
     print("|-|-|-|-|")
-    last = int(max_x.steps[-1])
-    for start in range(0, last, args.window):
-        end = min(start + args.window, last)
-        in_window = (max_x.steps > start) & (max_x.steps <= end)
-        if in_window.any():
-            print(f"| {start / 1000:g}k-{end / 1000:g}k | {in_window.sum()} | {max_x.values[in_window].mean():.0f} | "
-                  f"{cleared[in_window].mean():.0%} |")
-    print("first flag: " + (f"step {first:,}" if first is not None else "none yet"))
+    for row in rows:
+        print(f"| {row['start'] / 1000:g}k-{row['end'] / 1000:g}k | {row['episodes']} | {row['mean_max_x_pos']:.0f} | "
+              f"{row['flag_rate']:.0%} |")
+    print("first flag: " + (f"step {first_flag:,}" if first_flag is not None else "none yet"))
+    return rows, first_flag
 
 
 if __name__ == "__main__":

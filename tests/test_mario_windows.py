@@ -1,0 +1,40 @@
+"""benchmark/mario_windows.py on real TensorBoard event files with known episodes."""
+
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from benchmark import mario_windows
+
+
+def write_episodes(path, episodes, per_episode_flag=True):
+    """episodes: (step, max_x_pos, x_pos, flag) as ppo_mario.py logs them."""
+    writer = SummaryWriter(str(path))
+    for step, max_x, x, flag in episodes:
+        writer.add_scalar("mario/max_x_pos", max_x, step)
+        writer.add_scalar("mario/x_pos", x, step)
+        if per_episode_flag:
+            writer.add_scalar("mario/episode_flag_get", float(flag), step)
+    writer.close()
+
+
+# Window 100: steps 50 and 100 fall in the first (0, 100], 150 and 250 in the next two.
+EPISODES = [(50, 400, 300, False), (100, 3161, 3161, True), (150, 1000, 900, False), (250, 3161, 3161, True),
+            (260, 2000, 2000, False)]
+
+
+def test_rows_per_window_and_first_flag(tmp_path):
+    write_episodes(tmp_path, EPISODES)
+    rows, first_flag = mario_windows.main([str(tmp_path), "--window", "100"])
+    assert [(r["start"], r["end"], r["episodes"]) for r in rows] == [(0, 100, 2), (100, 200, 1), (200, 260, 2)]
+    assert [r["mean_max_x_pos"] for r in rows] == [pytest.approx(1780.5), 1000, pytest.approx(2580.5)]
+    assert [r["flag_rate"] for r in rows] == [0.5, 0.0, 0.5]
+    assert first_flag == 100
+
+
+def test_older_runs_need_the_flag_position(tmp_path, capsys):
+    write_episodes(tmp_path, EPISODES, per_episode_flag=False)
+    with pytest.raises(SystemExit) as exit_info:
+        mario_windows.main([str(tmp_path)])
+    assert "--flag-x" in str(exit_info.value)
+    rows, first_flag = mario_windows.main([str(tmp_path), "--window", "100", "--flag-x", "3161"])
+    assert [r["flag_rate"] for r in rows] == [0.5, 0.0, 0.5] and first_flag == 100
