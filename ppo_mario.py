@@ -101,7 +101,7 @@ class Args:
     # Algorithm
     total_timesteps: int = 2_000_000
     """total agent steps (each is 4 emulator frames) to train for, summed over torchrun ranks; the learning rate
-    anneals over it (the shipped 1-1 model comes from a 2M-step run)"""
+    anneals over it (the shipped 1-1 model is step 1.15M of a run with this budget)"""
     learning_rate: float = 2.5e-4
     """Adam learning rate at the start of training"""
     anneal_lr: bool = True

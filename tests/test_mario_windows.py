@@ -31,7 +31,7 @@ def test_rows_per_window_and_first_flag(tmp_path):
     assert first_flag == 100
 
 
-def test_older_runs_need_the_flag_position(tmp_path, capsys):
+def test_older_runs_need_the_flag_position(tmp_path):
     write_episodes(tmp_path, EPISODES, per_episode_flag=False)
     with pytest.raises(SystemExit) as exit_info:
         mario_windows.main([str(tmp_path)])
