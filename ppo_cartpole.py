@@ -228,8 +228,13 @@ class Agent(nn.Module):
             action = dist.sample()
         return action, dist.log_prob(action), dist.entropy(), self.get_value(x)
 
-    def greedy_action(self, x):
-        return self.actor(x).argmax(-1)
+    def evaluation_action(self, x, generator: torch.Generator | None = None):
+        """The most likely action, or with a generator one drawn from the policy (reproducibly, apart from training's
+        random stream)."""
+        logits = self.actor(x)
+        if generator is None:
+            return logits.argmax(-1)
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -756,6 +761,7 @@ def write_video(frames, path: str, fps: int = 50):
 def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | None = None) -> list[float]:
     """Play whole episodes (greedy unless args.eval_sample) and return their returns; the first goes to video_path."""
     env = make_env(args.env_id, render=video_path is not None)()
+    generator = torch.Generator(device).manual_seed(args.seed) if args.eval_sample else None
     returns = []
     for episode in range(episodes):
         obs, _ = env.reset(seed=args.seed + episode)
@@ -764,7 +770,7 @@ def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | 
         while not done:
             x = torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0)
             with torch.no_grad():
-                action = agent.get_action_and_value(x)[0] if args.eval_sample else agent.greedy_action(x)
+                action = agent.evaluation_action(x, generator)
             obs, reward, terminated, truncated, _ = env.step(int(action.item()))
             total += float(reward)
             done = terminated or truncated

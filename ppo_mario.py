@@ -1031,6 +1031,7 @@ def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | 
     env = make_env(args, render=video_path is not None)()
     labels = action_labels(args, env) if video_path else None
     rng = np.random.default_rng(args.seed)
+    generator = torch.Generator(device).manual_seed(args.seed)  # sampled evaluation repeats under the same --seed
     results = []
     for episode in range(episodes):
         obs, _ = env.reset(seed=args.seed + episode)
@@ -1044,7 +1045,7 @@ def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | 
             x = torch.as_tensor(obs, device=device).unsqueeze(0)
             with torch.no_grad():
                 probs = agent.action_probs(x)[0]
-            action = int(torch.multinomial(probs, 1)) if args.eval_sample else int(probs.argmax())
+            action = int(torch.multinomial(probs, 1, generator=generator)) if args.eval_sample else int(probs.argmax())
             obs, _, terminated, truncated, info = env.step(action)
             done = terminated or truncated
             if record:  # copy: nes-py renders into one reused buffer

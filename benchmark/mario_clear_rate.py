@@ -1,10 +1,12 @@
 """Greedy clear rate of Mario checkpoints.
 
 Each checkpoint (every checkpoint of a run directory, or the .pt files given) plays N greedy episodes with
-ppo_mario.py's own evaluation code, each after a random number of no-op steps so that episodes differ. Prints a table
+ppo_mario.py's own evaluation code, each after a random number of no-op steps so that episodes differ (--sample draws
+actions from the policy instead, as in training: the policy's own clear rate, not its argmax's). Prints a table
 (step, clear rate, mean x_pos) and the first step whose clear rate reaches --target; for a run directory also writes
-clear_rate.csv and clear_rate.png beside its checkpoints. --export writes the newest checkpoint that reached the
-target as a model file for evaluation only (the weights and what evaluation needs; no optimizer, no RNG states).
+clear_rate.csv and clear_rate.png (clear_rate_sampled.* with --sample) beside its checkpoints. --export writes the
+newest checkpoint that reached the target as a model file for evaluation only (the weights and what evaluation needs;
+no optimizer, no RNG states).
 
     python benchmark/mario_clear_rate.py models/SuperMarioBros-1-1-v0.pt --episodes 30     # the shipped model
     python benchmark/mario_clear_rate.py runs/<run> --episodes 10 --target 0.9 --export models/SuperMarioBros-1-1-v0.pt
@@ -27,9 +29,9 @@ import ppo_mario  # noqa: E402
 MODEL_KEYS = ("model", "global_step", "args", "env_id", "action_set", "obs_shape", "num_actions")
 
 
-def clear_rate(path: str, episodes: int, seed: int) -> dict:
-    """Greedy episodes of one checkpoint, as `ppo_mario.py --eval-checkpoint PATH --eval-episodes N` plays them."""
-    args = ppo_mario.Args(seed=seed)
+def clear_rate(path: str, episodes: int, seed: int, sample: bool = False) -> dict:
+    """Episodes of one checkpoint, as `ppo_mario.py --eval-checkpoint PATH --eval-episodes N [--eval-sample]` plays them."""
+    args = ppo_mario.Args(seed=seed, eval_sample=sample)
     agent, checkpoint = ppo_mario.load_for_evaluation(path, args, "cpu")
     results = ppo_mario.evaluate(agent, args, "cpu", episodes)
     return {"path": path, "step": checkpoint["global_step"], "episodes": episodes,
@@ -46,7 +48,7 @@ def export_model(checkpoint_path: str, out: str):
     print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB) from {checkpoint_path}")
 
 
-def plot(rows: list[dict], target: float, out: str):
+def plot(rows: list[dict], target: float, mode: str, out: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -55,7 +57,7 @@ def plot(rows: list[dict], target: float, out: str):
     ax.plot([r["step"] for r in rows], [r["clear_rate"] for r in rows], marker="o")
     ax.axhline(target, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("agent steps")
-    ax.set_ylabel(f"greedy clear rate ({rows[0]['episodes']} episodes)")
+    ax.set_ylabel(f"{mode} clear rate ({rows[0]['episodes']} episodes)")
     ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -70,6 +72,7 @@ def main():
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument("--every", type=int, default=1, help="evaluate every k-th checkpoint of a run (and the last)")
     parser.add_argument("--export", help="write the newest checkpoint that reached --target here as a model file")
+    parser.add_argument("--sample", action="store_true", help="sample actions from the policy instead of greedy")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -86,11 +89,12 @@ def main():
         else:
             sys.exit(f"error: {path} is neither a run directory nor a checkpoint file")
 
-    print("| checkpoint | step | greedy episodes | cleared | mean x_pos | mean return |")
+    mode = "sampled" if args.sample else "greedy"
+    print(f"| checkpoint | step | {mode} episodes | cleared | mean x_pos | mean return |")
     print("|-|-|-|-|-|-|")
     rows = []
     for path in checkpoints:
-        row = clear_rate(path, args.episodes, args.seed)
+        row = clear_rate(path, args.episodes, args.seed, args.sample)
         rows.append(row)
         print(f"| {os.path.basename(path)} | {row['step']:,} | {row['episodes']} | {row['clear_rate']:.0%} | "
               f"{row['mean_x_pos']:.0f} | {row['mean_return']:.1f} |", flush=True)
@@ -102,7 +106,7 @@ def main():
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        plot(rows, args.target, os.path.join(run_dir, "clear_rate.png"))
+        plot(rows, args.target, mode, os.path.join(run_dir, f"clear_rate{suffix}.png"))
         print(f"wrote {os.path.join(run_dir, 'clear_rate.csv')} and clear_rate.png")
     if args.export:
         if not reached:

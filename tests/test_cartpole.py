@@ -183,6 +183,19 @@ def test_a_short_run_learns(tmp_path):
     assert np.mean(greedy_returns) >= 200, greedy_returns
 
 
+def test_sampled_evaluation_samples_and_repeats_under_the_same_seed():
+    torch.manual_seed(0)
+    agent = Agent(4, 2)  # untrained: sampled play falls over at other steps than greedy play
+
+    def play_evaluation(**kwargs):
+        return ppo_cartpole.evaluate(agent, Args(seed=3, **kwargs), "cpu", episodes=5)
+
+    sampled = play_evaluation(eval_sample=True)
+    torch.rand(100)  # training's random stream moving on must not change the evaluation
+    assert play_evaluation(eval_sample=True) == sampled
+    assert play_evaluation() != sampled
+
+
 # ----------------------------------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("cli_args, message", [

@@ -9,8 +9,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ppo_mario import (Agent, Args, EnvGroups, Rollout, collect_rollout, draw_action_probs, is_gymnasium_native,
-                       make_env)
+from ppo_mario import (Agent, Args, EnvGroups, Rollout, collect_rollout, draw_action_probs, evaluate,
+                       is_gymnasium_native, make_env)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE = "SuperMarioBros-1-1-v0"
@@ -147,6 +147,20 @@ def test_short_training_run_logs_mario_keys_and_eval_plays_the_checkpoint(tmp_pa
     assert result.returncode == 0, result.stderr
     assert f"{STAGE}: 2 greedy episodes, cleared 0/2 (0%), mean x_pos" in result.stdout
     assert video.stat().st_size > 10_000
+
+
+def test_sampled_evaluation_samples_and_repeats_under_the_same_seed():
+    torch.manual_seed(0)
+    agent = Agent(4, 5)  # untrained: near-uniform probabilities, so sampled play differs from greedy play
+
+    def play_evaluation(**kwargs):
+        args = Args(env_id=STAGE, seed=3, stuck_timeout=20, eval_noop_max=0, **kwargs)
+        return [(r["length"], r["x_pos"]) for r in evaluate(agent, args, "cpu", episodes=2)]
+
+    sampled = play_evaluation(eval_sample=True)
+    torch.rand(100)  # training's random stream moving on must not change the evaluation
+    assert play_evaluation(eval_sample=True) == sampled
+    assert play_evaluation() != sampled
 
 
 def test_action_probabilities_are_drawn_above_the_frame():
