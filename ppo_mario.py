@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 import cv2
@@ -81,6 +81,9 @@ class Args:
     more cores, but change the batch)"""
     sync_envs: bool = False
     """step the environments in this process (SyncVectorEnv) instead of one process each (AsyncVectorEnv)"""
+    noop_max: int = 0
+    """start each training episode after 0..noop_max random no-op steps, so that enemies and platforms meet Mario at
+    a different phase each time (ALE ids always use 30, as CleanRL's ppo_atari does)"""
     stuck_timeout: int = 100
     """truncate an episode after this many agent steps (~7 s of game time) without new rightward progress (0: off);
     a stuck Mario would otherwise spend the rest of the 400-second clock on one screen"""
@@ -140,7 +143,7 @@ class Args:
     eval_sample: bool = False
     """sample actions from the policy in evaluation instead of taking the most likely one"""
     eval_noop_max: int = 30
-    """start each evaluation episode with up to this many random no-op steps, so greedy episodes differ"""
+    """start each evaluation episode with up to this many random no-op steps, so greedy episodes differ (ALE: 30)"""
     video_path: str | None = None
     """in evaluation, write the first episode to this .mp4 or .gif (default: beside the checkpoint)"""
 
@@ -158,8 +161,9 @@ def validate_args(args: Args):
     for name in ("learning_rate", "clip_coef", "max_grad_norm", "reward_scale"):
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.stuck_timeout < 0 or args.eval_noop_max < 0:
-        fail("--stuck-timeout and --eval-noop-max must be 0 or more")
+    for name in ("stuck_timeout", "noop_max", "eval_noop_max"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0 < args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
         fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
     if args.target_kl is not None and not args.target_kl > 0:
@@ -309,6 +313,27 @@ class ShapeReward(gym.Wrapper):
         return obs, self.reward_scale * reward, terminated, truncated, info
 
 
+class NoopStart(gym.Wrapper):
+    """Starts each episode after a uniform 0..noop_max no-op steps. The emulator is deterministic: from one start
+    state, a policy can learn by heart when each enemy arrives instead of watching for it. The count comes from the
+    wrapper's own generator, seeded by reset(seed=...)."""
+
+    def __init__(self, env, noop_max: int):
+        super().__init__(env)
+        self.noop_max = noop_max
+        self.rng = np.random.default_rng()
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        for _ in range(self.rng.integers(0, self.noop_max + 1)):
+            obs, _, terminated, truncated, info = self.env.step(0)  # action 0 is NOOP in every joypad set
+            if terminated or truncated:
+                obs, info = self.env.reset()
+        return obs, info
+
+
 def make_env(args: Args, render: bool = False):
     """A thunk for the vector env. Observations are uint8 stacks of 4 grayscale 84x84 frames, one agent step per 4
     emulator frames; info["episode"] at an episode's end holds the env's own (unshaped) return and its length."""
@@ -338,7 +363,8 @@ def make_env(args: Args, render: bool = False):
                           add_terms=not is_gymnasium_native())
         env = gym.wrappers.GrayscaleObservation(env)
         env = gym.wrappers.ResizeObservation(env, (84, 84))
-        return gym.wrappers.FrameStackObservation(env, 4)
+        env = gym.wrappers.FrameStackObservation(env, 4)
+        return NoopStart(env, args.noop_max) if args.noop_max else env
     return thunk
 
 
@@ -1028,19 +1054,14 @@ def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | 
     """Play whole episodes, greedy unless args.eval_sample, each after a random number of no-op steps (up to
     eval_noop_max) so that greedy episodes differ. Returns {"return", "length", "x_pos", "flag_get"} per episode; the
     first episode goes to video_path with the action probabilities drawn above the frames."""
-    env = make_env(args, render=video_path is not None)()
+    env = make_env(replace(args, noop_max=args.eval_noop_max), render=video_path is not None)()
     labels = action_labels(args, env) if video_path else None
-    rng = np.random.default_rng(args.seed)
     generator = torch.Generator(device).manual_seed(args.seed)  # sampled evaluation repeats under the same --seed
     results = []
     for episode in range(episodes):
-        obs, _ = env.reset(seed=args.seed + episode)
+        obs, _ = env.reset(seed=args.seed if episode == 0 else None)  # seeds the no-op starts of all the episodes
         record = video_path is not None and episode == 0
         frames, done, info = [], False, {}
-        for _ in range(rng.integers(0, args.eval_noop_max + 1)):
-            obs, _, terminated, truncated, info = env.step(0)  # action 0 is NOOP in every joypad set and in ALE
-            if terminated or truncated:
-                obs, info = env.reset()
         while not done:
             x = torch.as_tensor(obs, device=device).unsqueeze(0)
             with torch.no_grad():

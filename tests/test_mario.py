@@ -83,6 +83,29 @@ def test_stuck_timeout_truncates_and_records_progress():
     env.close()
 
 
+def steps_to_first_goomba(env, seed):
+    """Hold right from a reset: Mario walks into a Goomba; how many agent steps that takes."""
+    env.reset(seed=seed)
+    for step in range(1, 200):
+        _, _, terminated, truncated, _ = env.step(RIGHT)
+        if terminated or truncated:
+            return step
+    raise AssertionError("Mario did not die within 200 steps of holding right")
+
+
+def test_noop_starts_change_when_the_goombas_arrive_and_repeat_under_a_seed():
+    # 1-2 starts with Goombas on screen, walking toward Mario (1-1's first one waits off screen until Mario comes).
+    plain = make_env(Args(env_id="SuperMarioBros-1-2-v0"))()
+    assert {steps_to_first_goomba(plain, seed) for seed in range(4)} == {steps_to_first_goomba(plain, 0)}
+    env = make_env(Args(env_id="SuperMarioBros-1-2-v0", noop_max=30))()
+    # The Goombas come closer during the no-ops, so holding right meets one sooner after a longer wait.
+    steps = [steps_to_first_goomba(env, seed) for seed in range(8)]
+    assert len(set(steps)) >= 3 and max(steps) <= steps_to_first_goomba(plain, 0)
+    assert [steps_to_first_goomba(env, seed) for seed in range(8)] == steps
+    plain.close()
+    env.close()
+
+
 # ----------------------------------------------------------------------------------------------------------- autoreset
 
 @pytest.mark.parametrize("sync_envs, groups", [(True, 1), (False, 2)])  # (False, 2): the pipelined rollout
@@ -189,6 +212,7 @@ def test_atari_smoke_run(tmp_path):
     (["--env-id", "SuperMarioBros-1-1-v9"], "it has SuperMarioBros-<world>-<stage>-v0"),
     (["--env-id", "ALE/Breakot-v5"], "unknown Atari id 'ALE/Breakot-v5'; did you mean ALE/Breakout-v5"),
     (["--num-minibatches", "7"], "--num-minibatches 7 does not divide the batch"),
+    (["--noop-max", "-1"], "--noop-max must be 0 or more, got -1"),
     (["--eval-checkpoint", "/nonexistent.pt"], "no checkpoint at /nonexistent.pt"),
 ])
 def test_bad_input_gets_one_clear_line(cli_args, message):
