@@ -102,12 +102,13 @@ def main():
     reached = [row for row in rows if row["clear_rate"] >= args.target]
     print(f"first checkpoint clearing >= {args.target:.0%}: " + (f"step {reached[0]['step']:,}" if reached else "none"))
     if run_dir is not None:
-        with open(os.path.join(run_dir, "clear_rate.csv"), "w", newline="") as f:
+        name = "clear_rate_sampled" if args.sample else "clear_rate"
+        with open(os.path.join(run_dir, f"{name}.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        plot(rows, args.target, mode, os.path.join(run_dir, f"clear_rate{suffix}.png"))
-        print(f"wrote {os.path.join(run_dir, 'clear_rate.csv')} and clear_rate.png")
+        plot(rows, args.target, mode, os.path.join(run_dir, f"{name}.png"))
+        print(f"wrote {os.path.join(run_dir, name)}.csv and {name}.png")
     if args.export:
         if not reached:
             sys.exit(f"error: no checkpoint reached a clear rate of {args.target:.0%}; nothing exported")

@@ -1,7 +1,10 @@
 """The model shipped in models/: it loads through the user's command on a fresh clone and clears World 1-1."""
 
+import csv
 import os
+import shutil
 
+import pytest
 import torch
 from helpers import ROOT, run_script
 
@@ -20,3 +23,17 @@ def test_shipped_model_clears_1_1(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "SuperMarioBros-1-1-v0: 3 greedy episodes, cleared 3/3 (100%)" in result.stdout
     assert video.stat().st_size > 100_000  # the whole stage, not a few frames
+
+
+@pytest.mark.parametrize("sample, name", [(False, "clear_rate"), (True, "clear_rate_sampled")])
+def test_clear_rate_benchmark_tables_a_run_directory(tmp_path, sample, name):
+    # The shipped model stands in for a run's checkpoint: an evaluation file is all the benchmark reads.
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(os.path.join(ROOT, MODEL), tmp_path / "checkpoints" / "step_0001146880.pt")
+    result = run_script("benchmark/mario_clear_rate.py", str(tmp_path), "--episodes", "1", *(["--sample"] * sample))
+    assert result.returncode == 0, result.stderr
+    assert "| step_0001146880.pt | 1,146,880 | 1 | 100% | 3161 |" in result.stdout
+    assert ("sampled episodes" in result.stdout) == sample
+    with open(tmp_path / f"{name}.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert float(row["clear_rate"]) == 1.0 and (tmp_path / f"{name}.png").stat().st_size > 1000
