@@ -1,10 +1,12 @@
 """Greedy clear rate of Mario checkpoints.
 
 Each checkpoint (every checkpoint of a run directory, or the .pt files given) plays N greedy episodes with
-ppo_mario.py's own evaluation code, each after a random number of no-op steps so that episodes differ (--sample draws
-actions from the policy instead, as in training: the policy's own clear rate, not its argmax's). Prints a table
-(step, clear rate, mean x_pos) and the first step whose clear rate reaches --target; for a run directory also writes
-clear_rate.csv and clear_rate.png (clear_rate_sampled.* with --sample) beside its checkpoints. --export writes the
+ppo_mario.py's own evaluation code, each after 0 to --noop-max random no-op steps so that episodes differ (--sample
+draws actions from the policy instead, as in training: the policy's own clear rate, not its argmax's; --noop-max 0
+starts every episode from the reset state, as training does by default, where greedy episodes are all the same). Prints
+a table (step, clear rate, mean x_pos) and the first step whose clear rate reaches --target; for a run directory also
+writes clear_rate.csv and clear_rate.png beside its checkpoints (clear_rate_sampled.* with --sample, *_noopN.* with
+another --noop-max). --export writes the
 newest checkpoint that reached the target as a model file for evaluation only (the weights and what evaluation needs;
 no optimizer, no RNG states).
 
@@ -27,11 +29,13 @@ import ppo_mario  # noqa: E402
 
 # What `ppo_mario.py --eval-checkpoint` reads from a checkpoint; an exported model keeps only these.
 MODEL_KEYS = ("model", "global_step", "args", "env_id", "action_set", "obs_shape", "num_actions")
+NOOP_MAX = ppo_mario.Args.eval_noop_max
 
 
-def clear_rate(path: str, episodes: int, seed: int, sample: bool = False) -> dict:
-    """Episodes of one checkpoint, as `ppo_mario.py --eval-checkpoint PATH --eval-episodes N [--eval-sample]` plays them."""
-    args = ppo_mario.Args(seed=seed, eval_sample=sample)
+def clear_rate(path: str, episodes: int, seed: int, sample: bool = False, noop_max: int = NOOP_MAX) -> dict:
+    """Episodes of one checkpoint, as `ppo_mario.py --eval-checkpoint PATH --eval-episodes N --eval-noop-max M
+    [--eval-sample]` plays them."""
+    args = ppo_mario.Args(seed=seed, eval_sample=sample, eval_noop_max=noop_max)
     agent, checkpoint = ppo_mario.load_for_evaluation(path, args, "cpu")
     results = ppo_mario.evaluate(agent, args, "cpu", episodes)
     return {"path": path, "step": checkpoint["global_step"], "episodes": episodes,
@@ -73,6 +77,8 @@ def main():
     parser.add_argument("--every", type=int, default=1, help="evaluate every k-th checkpoint of a run (and the last)")
     parser.add_argument("--export", help="write the newest checkpoint that reached --target here as a model file")
     parser.add_argument("--sample", action="store_true", help="sample actions from the policy instead of greedy")
+    parser.add_argument("--noop-max", type=int, default=NOOP_MAX,
+                        help="random no-op steps before each episode, 0 to this (0: from the reset state)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -89,12 +95,15 @@ def main():
         else:
             sys.exit(f"error: {path} is neither a run directory nor a checkpoint file")
 
+    if args.noop_max < 0:
+        sys.exit(f"error: --noop-max must be 0 or more, got {args.noop_max}")
     mode = "sampled" if args.sample else "greedy"
-    print(f"| checkpoint | step | {mode} episodes | cleared | mean x_pos | mean return |")
+    start = f"after 0-{args.noop_max} no-ops" if args.noop_max else "from the reset state"
+    print(f"| checkpoint | step | {mode} episodes {start} | cleared | mean x_pos | mean return |")
     print("|-|-|-|-|-|-|")
     rows = []
     for path in checkpoints:
-        row = clear_rate(path, args.episodes, args.seed, args.sample)
+        row = clear_rate(path, args.episodes, args.seed, args.sample, args.noop_max)
         rows.append(row)
         print(f"| {os.path.basename(path)} | {row['step']:,} | {row['episodes']} | {row['clear_rate']:.0%} | "
               f"{row['mean_x_pos']:.0f} | {row['mean_return']:.1f} |", flush=True)
@@ -102,7 +111,7 @@ def main():
     reached = [row for row in rows if row["clear_rate"] >= args.target]
     print(f"first checkpoint clearing >= {args.target:.0%}: " + (f"step {reached[0]['step']:,}" if reached else "none"))
     if run_dir is not None:
-        name = "clear_rate_sampled" if args.sample else "clear_rate"
+        name = "clear_rate" + "_sampled" * args.sample + (f"_noop{args.noop_max}" if args.noop_max != NOOP_MAX else "")
         with open(os.path.join(run_dir, f"{name}.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
