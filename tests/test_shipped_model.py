@@ -1,4 +1,4 @@
-"""The model shipped in models/: it loads through the user's command on a fresh clone and clears World 1-1."""
+"""The models shipped in models/: each loads through the user's command on a fresh clone and clears its stage."""
 
 import csv
 import os
@@ -11,17 +11,21 @@ from helpers import ROOT, run_script
 MODEL = os.path.join("models", "SuperMarioBros-1-1-v0.pt")
 
 
-def test_shipped_model_is_a_small_evaluation_file():
-    model = torch.load(os.path.join(ROOT, MODEL), weights_only=True)
-    assert model["env_id"] == "SuperMarioBros-1-1-v0" and model["action_set"] == "right_only"
-    assert "optimizer" not in model and os.path.getsize(os.path.join(ROOT, MODEL)) < 10 * 2**20
+@pytest.mark.parametrize("stage", ["1-1", "1-4"])
+def test_shipped_model_is_a_small_evaluation_file(stage):
+    path = os.path.join(ROOT, "models", f"SuperMarioBros-{stage}-v0.pt")
+    model = torch.load(path, weights_only=True)
+    assert model["env_id"] == f"SuperMarioBros-{stage}-v0" and model["action_set"] == "right_only"
+    assert "optimizer" not in model and os.path.getsize(path) < 10 * 2**20
 
 
-def test_shipped_model_clears_1_1(tmp_path):
+@pytest.mark.parametrize("stage, episodes", [("1-1", 3), ("1-4", 2)])
+def test_shipped_model_clears_its_stage(tmp_path, stage, episodes):
     video = tmp_path / "clear.gif"
-    result = run_script("ppo_mario.py", "--eval-checkpoint", MODEL, "--eval-episodes", "3", "--video-path", str(video))
+    result = run_script("ppo_mario.py", "--eval-checkpoint", os.path.join("models", f"SuperMarioBros-{stage}-v0.pt"),
+                        "--eval-episodes", str(episodes), "--video-path", str(video))
     assert result.returncode == 0, result.stderr
-    assert "SuperMarioBros-1-1-v0: 3 greedy episodes, cleared 3/3 (100%)" in result.stdout
+    assert f"SuperMarioBros-{stage}-v0: {episodes} greedy episodes, cleared {episodes}/{episodes} (100%)" in result.stdout
     assert video.stat().st_size > 100_000  # the whole stage, not a few frames
 
 
