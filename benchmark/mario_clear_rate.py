@@ -6,9 +6,8 @@ draws actions from the policy instead, as in training: the policy's own clear ra
 starts every episode from the reset state, as training does by default, where greedy episodes are all the same). Prints
 a table (step, clear rate, mean x_pos) and the first step whose clear rate reaches --target; for a run directory also
 writes clear_rate.csv and clear_rate.png beside its checkpoints (clear_rate_sampled.* with --sample, *_noopN.* with
-another --noop-max). --export writes the
-newest checkpoint that reached the target as a model file for evaluation only (the weights and what evaluation needs;
-no optimizer, no RNG states).
+another --noop-max). --export writes the newest checkpoint that reached the target as a model file for evaluation only
+(the weights and what evaluation needs; no optimizer, no RNG states).
 
     python benchmark/mario_clear_rate.py models/SuperMarioBros-1-1-v0.pt --episodes 30     # the shipped model
     python benchmark/mario_clear_rate.py runs/<run> --episodes 10 --target 0.9 --export models/SuperMarioBros-1-1-v0.pt
@@ -81,6 +80,8 @@ def main():
                         help="random no-op steps before each episode, 0 to this (0: from the reset state)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.noop_max < 0:
+        sys.exit(f"error: --noop-max must be 0 or more, got {args.noop_max}")
 
     checkpoints, run_dir = [], None
     for path in args.paths:
@@ -95,8 +96,6 @@ def main():
         else:
             sys.exit(f"error: {path} is neither a run directory nor a checkpoint file")
 
-    if args.noop_max < 0:
-        sys.exit(f"error: --noop-max must be 0 or more, got {args.noop_max}")
     mode = "sampled" if args.sample else "greedy"
     start = f"after 0-{args.noop_max} no-ops" if args.noop_max else "from the reset state"
     print(f"| checkpoint | step | {mode} episodes {start} | cleared | mean x_pos | mean return |")

@@ -8,12 +8,17 @@ import pytest
 import torch
 from helpers import ROOT, run_script
 
-MODEL = os.path.join("models", "SuperMarioBros-1-1-v0.pt")
+
+def model_path(stage: str) -> str:
+    return os.path.join("models", f"SuperMarioBros-{stage}-v0.pt")
+
+
+MODEL = model_path("1-1")
 
 
 @pytest.mark.parametrize("stage", ["1-1", "1-4"])
 def test_shipped_model_is_a_small_evaluation_file(stage):
-    path = os.path.join(ROOT, "models", f"SuperMarioBros-{stage}-v0.pt")
+    path = os.path.join(ROOT, model_path(stage))
     model = torch.load(path, weights_only=True)
     assert model["env_id"] == f"SuperMarioBros-{stage}-v0" and model["action_set"] == "right_only"
     assert "optimizer" not in model and os.path.getsize(path) < 10 * 2**20
@@ -22,8 +27,8 @@ def test_shipped_model_is_a_small_evaluation_file(stage):
 @pytest.mark.parametrize("stage, episodes", [("1-1", 3), ("1-4", 2)])
 def test_shipped_model_clears_its_stage(tmp_path, stage, episodes):
     video = tmp_path / "clear.gif"
-    result = run_script("ppo_mario.py", "--eval-checkpoint", os.path.join("models", f"SuperMarioBros-{stage}-v0.pt"),
-                        "--eval-episodes", str(episodes), "--video-path", str(video))
+    result = run_script("ppo_mario.py", "--eval-checkpoint", model_path(stage), "--eval-episodes", str(episodes),
+                        "--video-path", str(video))
     assert result.returncode == 0, result.stderr
     assert f"SuperMarioBros-{stage}-v0: {episodes} greedy episodes, cleared {episodes}/{episodes} (100%)" in result.stdout
     assert video.stat().st_size > 100_000  # the whole stage, not a few frames
