@@ -1,4 +1,5 @@
-"""Mario training episodes per window of agent steps: how many ended, how far they got, how many reached the flag.
+"""Mario training episodes per window of agent steps: how many ended, how far they got (on average and at most), how
+many reached the flag.
 
 Reads a run directory's TensorBoard events (all event files of a resumed run). Whether an episode reached the flag is
 its `mario/episode_flag_get`; runs from before that tag existed give the flag's x position instead (--flag-x, 3161 on
@@ -38,6 +39,7 @@ def episode_windows(run_dir: str, window: int, flag_x: int | None = None) -> tup
         if in_window.any():
             rows.append({"start": start, "end": end, "episodes": int(in_window.sum()),
                          "mean_max_x_pos": float(max_x.values[in_window].mean()),
+                         "furthest_x_pos": float(max_x.values[in_window].max()),
                          "flag_rate": float(cleared[in_window].mean())})
     first_flag = int(max_x.steps[np.argmax(cleared)]) if cleared.any() else None
     return rows, first_flag
@@ -51,11 +53,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     rows, first_flag = episode_windows(args.run_dir, args.window, args.flag_x)
-    print("| steps | episodes | mean max x_pos | flag rate |")
-    print("|-|-|-|-|")
+    print("| steps | episodes | mean max x_pos | furthest x_pos | flag rate |")
+    print("|-|-|-|-|-|")
     for row in rows:
         print(f"| {row['start'] / 1000:g}k-{row['end'] / 1000:g}k | {row['episodes']} | {row['mean_max_x_pos']:.0f} | "
-              f"{row['flag_rate']:.0%} |")
+              f"{row['furthest_x_pos']:.0f} | {row['flag_rate']:.0%} |")
     print("first flag: " + (f"step {first_flag:,}" if first_flag is not None else "none yet"))
     return rows, first_flag
 

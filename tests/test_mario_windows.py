@@ -27,6 +27,7 @@ def test_rows_per_window_and_first_flag(tmp_path):
     rows, first_flag = mario_windows.main([str(tmp_path), "--window", "100"])
     assert [(r["start"], r["end"], r["episodes"]) for r in rows] == [(0, 100, 2), (100, 200, 1), (200, 260, 2)]
     assert [r["mean_max_x_pos"] for r in rows] == [pytest.approx(1780.5), 1000, pytest.approx(2580.5)]
+    assert [r["furthest_x_pos"] for r in rows] == [3161, 1000, 3161]
     assert [r["flag_rate"] for r in rows] == [0.5, 0.0, 0.5]
     assert first_flag == 100
 
