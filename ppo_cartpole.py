@@ -130,6 +130,9 @@ def validate_args(args: Args):
     if batch_size % args.num_minibatches:
         fail(f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} "
              f"(num_envs * num_steps); pick a divisor of {batch_size}")
+    if args.norm_adv and batch_size // args.num_minibatches < 2:
+        fail(f"--num-minibatches {args.num_minibatches} leaves 1 sample per minibatch of the batch of {batch_size}, and "
+             "advantage normalisation needs 2 or more; use fewer minibatches (or --no-norm-adv)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun
     if args.eval_checkpoint is None and args.total_timesteps < batch_size * world_size:
         fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {batch_size * world_size} "
@@ -508,8 +511,8 @@ def set_rng_states(states: dict):
     name, key, pos, has_gauss, cached_gauss = states["numpy"]
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached_gauss))
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):  # the GPUs this machine has
+        torch.cuda.set_rng_state(state, index)
 
 
 def save_checkpoint(run_dir: str, agent: Agent, optimizer, args: Args, global_step: int, iteration: int, envs) -> str:
@@ -520,6 +523,7 @@ def save_checkpoint(run_dir: str, agent: Agent, optimizer, args: Args, global_st
         "optimizer": optimizer.state_dict(),
         "global_step": global_step,
         "iteration": iteration,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,  # iterations count batches of all ranks
         "rng": get_rng_states(),
         "args": asdict(args),
         "env_id": args.env_id,
@@ -544,13 +548,30 @@ def newest_checkpoint(path: str) -> str:
     return found[-1]
 
 
-def load_checkpoint(path: str, device) -> dict:
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint at `path`, every tensor on the CPU (the RNG states must be; the model and optimizer state are
+    copied onto the training device when loaded into it)."""
     try:
-        return torch.load(newest_checkpoint(path), map_location=device, weights_only=True)
+        return torch.load(newest_checkpoint(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         fail(f"no checkpoint at {path}; pass a checkpoint file or a run directory")
     except Exception as e:
         fail(f"cannot read checkpoint {path} ({type(e).__name__}); the file is truncated or not a checkpoint")
+
+
+def load_training_checkpoint(path: str, world_size: int) -> dict:
+    """A checkpoint to resume from: one with the training state, written by as many torchrun ranks as there are now
+    (iterations, the learning-rate schedule and the seeds count per world size)."""
+    checkpoint = load_checkpoint(path)
+    if "optimizer" not in checkpoint:
+        fail(f"{path} is an evaluation-only model (no optimizer state); play it with --eval-checkpoint, or resume "
+             "from runs/<run>/checkpoints")
+    saved_world_size = checkpoint.get("world_size", 1)
+    if saved_world_size != world_size:
+        fail(f"{path} was written by a run on {saved_world_size} torchrun rank(s), not {world_size}; resume it with "
+             f"{'torchrun --nproc_per_node ' + str(saved_world_size) if saved_world_size > 1 else 'no torchrun'}, or "
+             "start a new run")
+    return checkpoint
 
 
 # Flags a resumed run takes from the command line; every other one comes from the checkpoint, so the run goes on as
@@ -621,7 +642,7 @@ def train(args: Args) -> str:
     checkpoint, checkpoint_path = None, None  # checkpoint_path: the newest good checkpoint of this run
     if args.resume:
         checkpoint_path = newest_checkpoint(args.resume)
-        checkpoint = load_checkpoint(checkpoint_path, device)
+        checkpoint = load_training_checkpoint(checkpoint_path, world_size)
         args = resumed_args(args, checkpoint["args"])
         validate_args(args)
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path)))
@@ -635,37 +656,37 @@ def train(args: Args) -> str:
 
     seed_everything(args.seed, args.torch_deterministic)
     torch.set_num_threads(args.torch_threads)
+    stop, writer, global_step = GracefulStop(), None, 0
     envs = make_vector_env(args)
-    obs_shape = envs.single_observation_space.shape
-    agent = Agent(obs_shape[0], envs.single_action_space.n).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    global_step, iteration = 0, 0
-    if checkpoint:
-        agent.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        global_step, iteration = checkpoint["global_step"], checkpoint["iteration"]
-        set_rng_states(checkpoint["rng"])
+    try:  # from the moment the environments exist: whatever raises below, `finally` closes them (no orphan worker)
+        obs_shape = envs.single_observation_space.shape
+        agent = Agent(obs_shape[0], envs.single_action_space.n).to(device)
+        optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+        iteration = 0
+        if checkpoint:
+            agent.load_state_dict(checkpoint["model"])  # copied onto the device's tensors
+            optimizer.load_state_dict(checkpoint["optimizer"])  # moved to the parameters' device by torch
+            global_step, iteration = checkpoint["global_step"], checkpoint["iteration"]
+            set_rng_states(checkpoint["rng"])
+            if is_main:
+                print(f"resuming {run_dir} at iteration {iteration}, step {global_step}")
+        if world_size > 1:
+            for tensor in agent.state_dict().values():
+                dist.broadcast(tensor, src=0)  # identical starting weights on every rank
+            torch.manual_seed(args.seed + 1000 * rank + iteration)  # but each rank samples its own actions
         if is_main:
-            print(f"resuming {run_dir} at iteration {iteration}, step {global_step}")
-    if world_size > 1:
-        for tensor in agent.state_dict().values():
-            dist.broadcast(tensor, src=0)  # identical starting weights on every rank
-        torch.manual_seed(args.seed + 1000 * rank + iteration)  # but each rank samples its own actions
-    writer = None
-    if is_main:
-        # purge_step drops what an interrupted process logged after its checkpoint (steps > global_step): the curves
-        # go on without duplicate or missing points.
-        writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
-        if not checkpoint:
-            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        if args.capture_video and not checkpoint:
-            evaluate(agent, args, device, episodes=1, video_path=os.path.join(run_dir, "before_training.gif"))
+            # purge_step drops what an interrupted process logged after its checkpoint (steps > global_step): the
+            # curves go on without duplicate or missing points.
+            writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
+            if not checkpoint:
+                writer.add_text("hyperparameters",
+                                "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+            if args.capture_video and not checkpoint:
+                evaluate(agent, args, device, episodes=1, video_path=os.path.join(run_dir, "before_training.gif"))
 
-    rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, device)
-    recent_returns = deque(maxlen=20)
-    start_time, start_step = time.time(), global_step
-    stop = GracefulStop()
-    try:
+        rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, device)
+        recent_returns = deque(maxlen=20)
+        start_time, start_step = time.time(), global_step
         next_obs, _ = envs.reset(seed=args.seed + iteration + 10_000 * rank)
         next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
         while iteration < num_iterations:
@@ -785,7 +806,7 @@ def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | 
 
 def load_agent(path: str, env_id: str, device) -> Agent:
     """The saved agent, after checking that it fits env_id's observations and actions."""
-    checkpoint = load_checkpoint(path, device)
+    checkpoint = load_checkpoint(path)
     env = gym.make(env_id)
     obs_shape, num_actions = list(env.observation_space.shape), int(env.action_space.n)
     env.close()

@@ -30,7 +30,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Literal
+from typing import Annotated, Literal
 
 import cv2
 import gymnasium as gym
@@ -44,6 +44,26 @@ from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 
 DEFAULT_ENV_ID = "SuperMarioBros-1-1-v0"
+
+# The hyperparameters whose default depends on the game. Mario's were tuned on World 1; ALE ids take CleanRL
+# ppo_atari's (the rest of its defaults equal ours: lr 2.5e-4 annealed, 8 envs, lambda 0.95, 4 epochs, value clipping,
+# entropy 0.01, vf 0.5, max grad norm 0.5), so their curves compare with its published ones. A flag given wins.
+PRESETS = {
+    "mario": {"total_timesteps": 2_000_000, "num_steps": 512, "gamma": 0.9, "num_minibatches": 16, "clip_coef": 0.2,
+              "noop_max": 0},
+    "atari": {"total_timesteps": 10_000_000, "num_steps": 128, "gamma": 0.99, "num_minibatches": 4, "clip_coef": 0.1,
+              "noop_max": 30},
+}
+
+
+def preset(name: str, metavar: str):
+    """What --help shows for a field whose default comes from PRESETS."""
+    return tyro.conf.arg(metavar=metavar, help_behavior_hint=(
+        f"(default: Mario {PRESETS['mario'][name]:_}, ALE {PRESETS['atari'][name]:_})"))
+
+
+def preset_family(env_id: str | None) -> str:
+    return "atari" if (env_id or DEFAULT_ENV_ID).startswith("ALE/") else "mario"
 
 
 @dataclass
@@ -71,8 +91,9 @@ class Args:
 
     # Environment
     env_id: str | None = None
-    """SuperMarioBros-<world>-<stage>-v<0..3>, SuperMarioBros-v0, SuperMarioBrosRandomStages-v0, SuperMarioBros2-...
-    or an ALE id such as ALE/Breakout-v5 (default SuperMarioBros-1-1-v0; in evaluation, the checkpoint's)"""
+    """SuperMarioBros-<world>-<stage>-v<0..3>, the full game SuperMarioBros-v0, SuperMarioBrosRandomStages-v0,
+    SuperMarioBros2-..., or an ALE id such as ALE/Breakout-v5, trained with CleanRL ppo_atari's environment settings
+    and defaults (default SuperMarioBros-1-1-v0; in evaluation, the checkpoint's)"""
     # World 1 never needs a step to the left: the 5 right_only buttons leave less to explore than simple's 7.
     action_set: Literal["right_only", "simple", "complex"] = "right_only"
     """joypad button combinations the agent picks from (in evaluation the checkpoint's is used)"""
@@ -81,48 +102,48 @@ class Args:
     more cores, but change the batch)"""
     sync_envs: bool = False
     """step the environments in this process (SyncVectorEnv) instead of one process each (AsyncVectorEnv)"""
-    noop_max: int = 0
-    """start each training episode after 0..noop_max random no-op steps, so that enemies and platforms meet Mario at
-    a different phase each time (ALE ids always use 30, as CleanRL's ppo_atari does)"""
+    noop_max: Annotated[int | None, preset("noop_max", "INT")] = None
+    """start each training episode after 0..noop_max random no-op steps (not counted in the episode), so that enemies
+    and platforms meet the agent at a different phase each time"""
     stuck_timeout: int = 100
-    """truncate an episode after this many agent steps (~7 s of game time) without new rightward progress (0: off);
-    a stuck Mario would otherwise spend the rest of the 400-second clock on one screen"""
+    """truncate an episode after this many agent steps (~7 s of game time) without new rightward progress in the
+    current stage and life (0: off); a stuck Mario would otherwise spend the rest of the 400-second clock on one screen"""
     # Reward shaping on the 7.4 line, after uvipen/Super-mario-bros-PPO-pytorch, which clears 1-1 with it: the env's
     # reward is x progress, a time penalty and -15 on death; the flag bonus makes finishing the stage the dominant
     # signal, the death penalty makes pits costly, the score term pays for stomping enemies, and the scale keeps
     # value targets near 1 so the value loss does not swamp the policy loss. The 9.x reward already holds score,
     # completion and death terms (clipped to +-15), so there only reward_scale applies.
     flag_bonus: float = 50.0
-    """added when Mario reaches the flag (7.4 line only)"""
+    """added at each stage's flag (or axe) (7.4 line only)"""
     death_penalty: float = 50.0
-    """subtracted when Mario dies (7.4 line only)"""
+    """subtracted at each life lost (7.4 line only)"""
     score_coef: float = 1 / 40
     """times the in-game score gained in a step (7.4 line only)"""
     reward_scale: float = 0.1
     """multiplies the whole reward the agent learns from (episodic_return logs the env's own reward)"""
 
     # Algorithm
-    total_timesteps: int = 2_000_000
+    total_timesteps: Annotated[int | None, preset("total_timesteps", "INT")] = None
     """total agent steps (each is 4 emulator frames) to train for, summed over torchrun ranks; the learning rate
-    anneals over it (the shipped 1-1 model is step 1.15M of a run with this budget)"""
+    anneals over it (the shipped 1-1 model is step 1.15M of a run with Mario's budget)"""
     learning_rate: float = 2.5e-4
     """Adam learning rate at the start of training"""
     anneal_lr: bool = True
     """decay the learning rate linearly to zero over the run"""
-    num_steps: int = 512
+    num_steps: Annotated[int | None, preset("num_steps", "INT")] = None
     """steps per environment per rollout; the batch is num_envs * num_steps"""
-    gamma: float = 0.9
+    gamma: Annotated[float | None, preset("gamma", "FLOAT")] = None
     """discount factor (short horizons suit Mario's dense progress reward)"""
     gae_lambda: float = 0.95
     """lambda of generalised advantage estimation"""
-    num_minibatches: int = 16
-    """minibatches the batch is split into per epoch: 256 samples each with the defaults, the minibatch size of
-    CleanRL's Atari PPO and of uvipen's Mario PPO"""
+    num_minibatches: Annotated[int | None, preset("num_minibatches", "INT")] = None
+    """minibatches the batch is split into per epoch: 256 samples each with either default (CleanRL's Atari PPO and
+    uvipen's Mario PPO use 256)"""
     update_epochs: int = 4
     """passes over the batch per update"""
     norm_adv: bool = True
     """normalise advantages per minibatch"""
-    clip_coef: float = 0.2
+    clip_coef: Annotated[float | None, preset("clip_coef", "FLOAT")] = None
     """epsilon of the clipped surrogate (and of value clipping)"""
     clip_vloss: bool = True
     """clip the value update to clip_coef around the old value estimate"""
@@ -146,6 +167,17 @@ class Args:
     """start each evaluation episode with up to this many random no-op steps, so greedy episodes differ (ALE: 30)"""
     video_path: str | None = None
     """in evaluation, write the first episode to this .mp4 or .gif (default: beside the checkpoint)"""
+
+    # Speed
+    channels_last: bool = True
+    """keep the CNN's weights and inputs in channels-last (NHWC) memory layout, which CPU convolutions run faster in
+    (benchmark/mario_throughput.py measures both)"""
+
+    def __post_init__(self):
+        """Fill the game-dependent defaults left unset (None) from PRESETS, by the env id."""
+        for name, value in PRESETS[preset_family(self.env_id)].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
 
 def fail(message: str):
@@ -172,6 +204,9 @@ def validate_args(args: Args):
     if batch_size % args.num_minibatches:
         fail(f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} "
              f"(num_envs * num_steps); pick a divisor of {batch_size}")
+    if args.norm_adv and batch_size // args.num_minibatches < 2:
+        fail(f"--num-minibatches {args.num_minibatches} leaves 1 sample per minibatch of the batch of {batch_size}, and "
+             "advantage normalisation needs 2 or more; use fewer minibatches (or --no-norm-adv)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun
     if args.eval_checkpoint is None and args.total_timesteps < batch_size * world_size:
         fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {batch_size * world_size} "
@@ -263,32 +298,56 @@ def make_mario_base_env(env_id: str, action_set: str, render: bool):
 
 
 class TrackProgress(gym.Wrapper):
-    """Adds info["max_x_pos"], the farthest x of the episode so far; with stuck_timeout > 0, truncates the episode
-    after that many steps without a new farthest x (a truncation: the value of the state still counts)."""
+    """Progress through the game, for logging and the stuck time-out. A full-game id (SuperMarioBros-v0) plays stage
+    after stage with x_pos restarting at each and a life lost not ending the episode, so progress is counted per
+    stage and per life:
+
+        info["max_x_pos"]       the farthest x in the current stage (at an episode's end: in the furthest stage)
+        info["furthest_stage"]  the furthest stage reached, numbered 1-1 -> 1, 1-2 -> 2, ..., 8-4 -> 32
+        info["flags"]           flags (ends of stages: flag or axe) reached in the episode
+        info["stage_cleared"]   whether the current stage's flag has been reached (until the next stage begins)
+
+    With stuck_timeout > 0 the episode is truncated after that many steps without a new farthest x of the current
+    life in the current stage (a truncation: the value of the state still counts)."""
 
     def __init__(self, env, stuck_timeout: int = 0):
         super().__init__(env)
         self.stuck_timeout = stuck_timeout
 
     def reset(self, **kwargs):
-        self.max_x_pos, self.steps_without_progress = 0, 0
-        return self.env.reset(**kwargs)
+        obs, info = self.env.reset(**kwargs)
+        self.stage, self.life = (info.get("world"), info.get("stage")), info.get("life")
+        self.max_x_pos = self.life_max_x_pos = self.steps_without_progress = 0
+        self.furthest_stage, self.flags, self.cleared_stage = 0, 0, None
+        return obs, info
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        if info["x_pos"] > self.max_x_pos:
-            self.max_x_pos, self.steps_without_progress = info["x_pos"], 0
+        stage = (info["world"], info["stage"])
+        if stage != self.stage or info["life"] != self.life:  # a new stage, or a respawn: progress starts over
+            if stage != self.stage:
+                self.max_x_pos = 0
+            self.stage, self.life, self.life_max_x_pos, self.steps_without_progress = stage, info["life"], 0, 0
+        self.max_x_pos = max(self.max_x_pos, info["x_pos"])
+        if info["x_pos"] > self.life_max_x_pos:
+            self.life_max_x_pos, self.steps_without_progress = info["x_pos"], 0
         else:
             self.steps_without_progress += 1
-        info["max_x_pos"] = self.max_x_pos
+        if info["flag_get"] and self.cleared_stage != stage:  # the flag stays set for a few steps: count it once
+            self.flags, self.cleared_stage = self.flags + 1, stage
+        self.furthest_stage = max(self.furthest_stage, 4 * (stage[0] - 1) + stage[1])
+        info.update(max_x_pos=self.max_x_pos, furthest_stage=self.furthest_stage, flags=self.flags,
+                    stage_cleared=self.cleared_stage == stage)
         if self.stuck_timeout and self.steps_without_progress >= self.stuck_timeout:
             truncated = True
         return obs, reward, terminated, truncated, info
 
 
 class ShapeReward(gym.Wrapper):
-    """reward_scale * (env reward + score_coef * score gained + flag_bonus at the flag - death_penalty at a death).
-    With add_terms=False (the 9.x line, whose reward has these terms already) only the scale applies."""
+    """reward_scale * (env reward + score_coef * score gained + flag_bonus at each stage's flag - death_penalty at each
+    life lost), over TrackProgress (whose flag count it reads). The score the game adds while tallying a cleared stage
+    (its remaining time, counted until the next stage begins) is not paid: it rewards the clock, not play. With
+    add_terms=False (the 9.x line, whose reward has these terms already) only the scale applies."""
 
     def __init__(self, env, flag_bonus: float, death_penalty: float, score_coef: float, reward_scale: float,
                  add_terms: bool):
@@ -297,26 +356,36 @@ class ShapeReward(gym.Wrapper):
         self.reward_scale, self.add_terms = reward_scale, add_terms
 
     def reset(self, **kwargs):
-        self.last_score, self.flag_paid = 0, False
-        return self.env.reset(**kwargs)
+        obs, info = self.env.reset(**kwargs)
+        self.last = {"score": info.get("score", 0), "lives": lives_left(info.get("life", 2)), "flags": 0,
+                     "stage_cleared": False}
+        return obs, info
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
+        now = {"score": info["score"], "lives": lives_left(info["life"]), "flags": info["flags"],
+               "stage_cleared": info["stage_cleared"]}
         if self.add_terms:
-            reward += self.score_coef * (info["score"] - self.last_score)
-            self.last_score = info["score"]
-            if info["flag_get"] and not self.flag_paid:  # the flag stays set for a few steps: pay once
-                reward += self.flag_bonus
-                self.flag_paid = True
-            elif terminated and not info["flag_get"]:
+            if not self.last["stage_cleared"]:
+                reward += self.score_coef * (now["score"] - self.last["score"])
+            reward += self.flag_bonus * (now["flags"] - self.last["flags"])
+            # A single-stage episode ends at a death before the life counter drops; a full game counts lives.
+            if (terminated and not info["flag_get"]) or now["lives"] < self.last["lives"]:
                 reward -= self.death_penalty
+        self.last = now
         return obs, self.reward_scale * reward, terminated, truncated, info
+
+
+def lives_left(life_counter: int) -> int:
+    """The game's life counter: 2 at the start, 0 for the last life, 255 after it (game over)."""
+    return -1 if life_counter == 255 else life_counter
 
 
 class NoopStart(gym.Wrapper):
     """Starts each episode after a uniform 0..noop_max no-op steps. The emulator is deterministic: from one start
     state, a policy can learn by heart when each enemy arrives instead of watching for it. The count comes from the
-    wrapper's own generator, seeded by reset(seed=...)."""
+    wrapper's own generator, seeded by reset(seed=...). It wraps the emulator below the episode statistics, progress
+    tracking and reward, so the no-ops are no part of the episode."""
 
     def __init__(self, env, noop_max: int):
         super().__init__(env)
@@ -334,9 +403,47 @@ class NoopStart(gym.Wrapper):
         return obs, info
 
 
+class EpisodicLife(gym.Wrapper):
+    """Atari: a lost life ends the learner's episode (terminated: the value of what follows does not count), but not
+    the game: reset() after a lost life steps a no-op instead of restarting. Below this wrapper, the episode
+    statistics see whole games."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.lives, self.game_over = 0, True
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.game_over = terminated or truncated
+        lives = self.env.unwrapped.ale.lives()
+        terminated = terminated or 0 < lives < self.lives
+        self.lives = lives
+        return obs, reward, terminated, truncated, info
+
+    def reset(self, **kwargs):
+        if self.game_over:
+            obs, info = self.env.reset(**kwargs)
+        else:
+            obs, _, _, _, info = self.env.step(0)
+        self.lives = self.env.unwrapped.ale.lives()
+        return obs, info
+
+
+class FireReset(gym.Wrapper):
+    """Atari games that wait for FIRE to start (Breakout launches its ball with it): press it after every reset."""
+
+    def reset(self, **kwargs):
+        self.env.reset(**kwargs)
+        obs, _, terminated, truncated, info = self.env.step(1)  # FIRE is action 1 where a game has it
+        if terminated or truncated:
+            obs, info = self.env.reset(**kwargs)
+        return obs, info
+
+
 def make_env(args: Args, render: bool = False):
     """A thunk for the vector env. Observations are uint8 stacks of 4 grayscale 84x84 frames, one agent step per 4
-    emulator frames; info["episode"] at an episode's end holds the env's own (unshaped) return and its length."""
+    emulator frames; info["episode"] at an episode's end holds the env's own (unshaped) return and its length in
+    agent steps (for Atari: of the whole game, all lives)."""
     def thunk():
         if multiprocessing.parent_process() is not None:
             # In an AsyncVectorEnv worker. Ctrl-C (and a service manager's SIGTERM) reach the whole process group, but
@@ -346,25 +453,31 @@ def make_env(args: Args, render: bool = False):
         if args.env_id.startswith("ALE/"):
             import ale_py
             gym.register_envs(ale_py)
-            # The preprocessing of CleanRL's ppo_atari (no-op starts, skip 4 with max-pooling, 84x84 grayscale, reward
-            # sign), so curves compare with theirs; the frame skip lives in the wrapper, not the env.
-            env = gym.make(args.env_id, frameskip=1, render_mode="rgb_array" if render else None)
+            # CleanRL ppo_atari's environment (its NoFrameskip-v4 ids): no sticky actions, the minimal action set,
+            # no-op starts, skip 4 with max-pooling, 84x84 grayscale, a lost life ends the learner's episode, FIRE
+            # after a reset, the reward's sign, a stack of 4. The frame skip lives in the wrapper, not the env.
+            env = gym.make(args.env_id, frameskip=1, repeat_action_probability=0.0, full_action_space=False,
+                           render_mode="rgb_array" if render else None)
+            env = gym.wrappers.AtariPreprocessing(env, noop_max=args.noop_max, frame_skip=4, screen_size=84)
             env = gym.wrappers.RecordEpisodeStatistics(env)
-            env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84)
+            env = EpisodicLife(env)
+            if "FIRE" in env.unwrapped.get_action_meanings():
+                env = FireReset(env)
             env = gym.wrappers.TransformReward(env, lambda r: float(np.sign(r)))
             return gym.wrappers.FrameStackObservation(env, 4)
         env = make_mario_base_env(args.env_id, args.action_set, render)
         # Repeat each action 4 frames; the observation is the max of the last two (sprites flicker between frames).
         # The max is written into a new array, so nes-py's reused screen buffer is never kept.
         env = gym.wrappers.MaxAndSkipObservation(env, skip=4)
+        if args.noop_max:
+            env = NoopStart(env, args.noop_max)
         env = TrackProgress(env, args.stuck_timeout)
         env = gym.wrappers.RecordEpisodeStatistics(env)
         env = ShapeReward(env, args.flag_bonus, args.death_penalty, args.score_coef, args.reward_scale,
                           add_terms=not is_gymnasium_native())
         env = gym.wrappers.GrayscaleObservation(env)
         env = gym.wrappers.ResizeObservation(env, (84, 84))
-        env = gym.wrappers.FrameStackObservation(env, 4)
-        return NoopStart(env, args.noop_max) if args.noop_max else env
+        return gym.wrappers.FrameStackObservation(env, 4)
     return thunk
 
 
@@ -380,8 +493,14 @@ class EnvGroups:
         groups = 1 if args.sync_envs or args.num_envs < 2 else 2
         sizes = [args.num_envs // groups + (g < args.num_envs % groups) for g in range(groups)]
         vector_cls = gym.vector.SyncVectorEnv if args.sync_envs else gym.vector.AsyncVectorEnv
-        self.groups = [vector_cls([make_env(args) for _ in range(size)], autoreset_mode=AutoresetMode.SAME_STEP)
-                       for size in sizes]
+        self.groups = []
+        try:
+            for size in sizes:
+                self.groups.append(vector_cls([make_env(args) for _ in range(size)],
+                                              autoreset_mode=AutoresetMode.SAME_STEP))
+        except BaseException:
+            self.close()  # the groups already started
+            raise
         self.slices = [slice(sum(sizes[:g]), sum(sizes[:g + 1])) for g in range(groups)]
         self.num_envs = args.num_envs
         self.single_observation_space = self.groups[0].single_observation_space
@@ -434,8 +553,9 @@ def layer_init(layer, std: float = np.sqrt(2), bias_const: float = 0.0):
 
 
 class Agent(nn.Module):
-    def __init__(self, in_channels: int, num_actions: int):
+    def __init__(self, in_channels: int, num_actions: int, channels_last: bool = False):
         super().__init__()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.trunk = nn.Sequential(
             layer_init(nn.Conv2d(in_channels, 32, 8, stride=4)), nn.ReLU(),
             layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
@@ -445,10 +565,12 @@ class Agent(nn.Module):
         )
         self.actor = layer_init(nn.Linear(512, num_actions), std=0.01)  # near-uniform initial policy
         self.critic = layer_init(nn.Linear(512, 1), std=1.0)
+        self.to(memory_format=self.memory_format)
 
     def features(self, obs):
-        # Observations stay uint8 everywhere else (4x less memory than float32); scaled here, on the device.
-        return self.trunk(obs.float() / 255.0)
+        # Observations stay uint8 everywhere else (4x less memory than float32); scaled here, on the device, after the
+        # layout change (done on the uint8 tensor: 4x fewer bytes to move).
+        return self.trunk(obs.contiguous(memory_format=self.memory_format).float().div_(255.0))
 
     def get_value(self, obs):
         return self.critic(self.features(obs)).squeeze(-1)
@@ -488,12 +610,13 @@ class Rollout:
                    actions=torch.zeros(shape, dtype=torch.long, device=device), **tensors)
 
 
-EPISODE_KEYS = ("x_pos", "max_x_pos", "flag_get", "world", "stage")
+EPISODE_KEYS = ("x_pos", "max_x_pos", "flag_get", "world", "stage", "furthest_stage")
 
 
 def collect_rollout(envs: EnvGroups, agent, rollout: Rollout, next_obs, device, stop=None):
     """Fill `rollout` by stepping `envs` from `next_obs`. Returns the observation to continue from and the finished
-    episodes as (step index, {"return", "length", and for Mario x_pos, max_x_pos, flag_get, world, stage}).
+    episodes as (step index, {"return", "length", and for Mario x_pos, max_x_pos, flag_get, world, stage,
+    furthest_stage}).
     Returns early, with the rollout incomplete, once `stop` is requested.
 
     Each pass acts for every group in turn and sends it stepping, after storing the outcome of that group's previous
@@ -519,7 +642,7 @@ def collect_rollout(envs: EnvGroups, agent, rollout: Rollout, next_obs, device, 
                         with torch.no_grad():
                             rollout.final_values[t, group.start + bootstrap] = agent.get_value(final_obs)
                     final_info = infos["final_info"]
-                    for i in np.flatnonzero(final_info["_episode"]):
+                    for i in np.flatnonzero(final_info.get("_episode", [])):  # Atari: none at a life lost
                         episode = {"return": float(final_info["episode"]["r"][i]),
                                    "length": int(final_info["episode"]["l"][i])}
                         episode.update({key: float(final_info[key][i]) for key in EPISODE_KEYS if key in final_info})
@@ -751,8 +874,8 @@ def set_rng_states(states: dict):
     name, key, pos, has_gauss, cached_gauss = states["numpy"]
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached_gauss))
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    for index, state in enumerate(states["cuda"][:torch.cuda.device_count()]):  # the GPUs this machine has
+        torch.cuda.set_rng_state(state, index)
 
 
 def save_checkpoint(run_dir: str, agent: Agent, optimizer, args: Args, global_step: int, iteration: int, envs) -> str:
@@ -763,6 +886,7 @@ def save_checkpoint(run_dir: str, agent: Agent, optimizer, args: Args, global_st
         "optimizer": optimizer.state_dict(),
         "global_step": global_step,
         "iteration": iteration,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,  # iterations count batches of all ranks
         "rng": get_rng_states(),
         "args": asdict(args),
         "env_id": args.env_id,
@@ -788,13 +912,30 @@ def newest_checkpoint(path: str) -> str:
     return found[-1]
 
 
-def load_checkpoint(path: str, device) -> dict:
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint at `path`, every tensor on the CPU (the RNG states must be; the model and optimizer state are
+    copied onto the training device when loaded into it)."""
     try:
-        return torch.load(newest_checkpoint(path), map_location=device, weights_only=True)
+        return torch.load(newest_checkpoint(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         fail(f"no checkpoint at {path}; pass a checkpoint file or a run directory")
     except Exception as e:
         fail(f"cannot read checkpoint {path} ({type(e).__name__}); the file is truncated or not a checkpoint")
+
+
+def load_training_checkpoint(path: str, world_size: int) -> dict:
+    """A checkpoint to resume from: one with the training state, written by as many torchrun ranks as there are now
+    (iterations, the learning-rate schedule and the seeds count per world size)."""
+    checkpoint = load_checkpoint(path)
+    if "optimizer" not in checkpoint:
+        fail(f"{path} is an evaluation-only model (no optimizer state); play it with --eval-checkpoint, or resume "
+             "from runs/<run>/checkpoints")
+    saved_world_size = checkpoint.get("world_size", 1)
+    if saved_world_size != world_size:
+        fail(f"{path} was written by a run on {saved_world_size} torchrun rank(s), not {world_size}; resume it with "
+             f"{'torchrun --nproc_per_node ' + str(saved_world_size) if saved_world_size > 1 else 'no torchrun'}, or "
+             "start a new run")
+    return checkpoint
 
 
 # Flags a resumed run takes from the command line; every other one comes from the checkpoint, so the run goes on as
@@ -804,11 +945,12 @@ RESUME_FLAGS = ("resume", "cuda", "save_interval", "keep_checkpoints", "capture_
 
 def resumed_args(args: Args, saved: dict) -> Args:
     resumed = Args(**{f.name: saved[f.name] for f in fields(Args) if f.name in saved})
+    defaults = Args(env_id=args.env_id)  # what the command line holds for a flag not given
     for f in fields(Args):
         given = getattr(args, f.name)
         if f.name in RESUME_FLAGS:
             setattr(resumed, f.name, given)
-        elif given != f.default and given != getattr(resumed, f.name):
+        elif given != getattr(defaults, f.name) and given != getattr(resumed, f.name):
             print(f"warning: --{f.name.replace('_', '-')} {given} ignored: the resumed run keeps {getattr(resumed, f.name)}",
                   file=sys.stderr)
     return resumed
@@ -873,6 +1015,7 @@ def log_episodes(writer, episodes, global_step: int, num_envs: int, world_size: 
             writer.add_scalar("mario/episode_flag_get", float(episode["flag_get"]), at_step)  # 0/1, for any window
             writer.add_scalar("mario/world", episode["world"], at_step)
             writer.add_scalar("mario/stage", episode["stage"], at_step)
+            writer.add_scalar("mario/furthest_stage", episode["furthest_stage"], at_step)  # 1-1 -> 1, ..., 8-4 -> 32
 
 
 def train(args: Args) -> str:
@@ -884,7 +1027,7 @@ def train(args: Args) -> str:
     checkpoint, checkpoint_path = None, None  # checkpoint_path: the newest good checkpoint of this run
     if args.resume:
         checkpoint_path = newest_checkpoint(args.resume)
-        checkpoint = load_checkpoint(checkpoint_path, device)
+        checkpoint = load_training_checkpoint(checkpoint_path, world_size)
         args = resumed_args(args, checkpoint["args"])
         validate_args(args)
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path)))
@@ -899,39 +1042,39 @@ def train(args: Args) -> str:
     num_iterations = args.total_timesteps // (batch_size * world_size)
 
     seed_everything(args.seed, args.torch_deterministic)
+    stop, writer, global_step = GracefulStop(), None, 0
     envs = EnvGroups(args)
-    obs_shape = envs.single_observation_space.shape
-    agent = Agent(obs_shape[0], envs.single_action_space.n).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    global_step, iteration = 0, 0
-    if checkpoint:
-        agent.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        global_step, iteration = checkpoint["global_step"], checkpoint["iteration"]
-        set_rng_states(checkpoint["rng"])
+    try:  # from the moment the environments exist: whatever raises below, `finally` closes them (no orphan worker)
+        obs_shape = envs.single_observation_space.shape
+        agent = Agent(obs_shape[0], envs.single_action_space.n, args.channels_last).to(device)
+        optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+        iteration = 0
+        if checkpoint:
+            agent.load_state_dict(checkpoint["model"])  # copied onto the device's tensors
+            optimizer.load_state_dict(checkpoint["optimizer"])  # moved to the parameters' device by torch
+            global_step, iteration = checkpoint["global_step"], checkpoint["iteration"]
+            set_rng_states(checkpoint["rng"])
+            if is_main:
+                print(f"resuming {run_dir} at iteration {iteration}, step {global_step}")
+        if world_size > 1:
+            for tensor in agent.state_dict().values():
+                dist.broadcast(tensor, src=0)  # identical starting weights on every rank
+            torch.manual_seed(args.seed + 1000 * rank + iteration)  # but each rank samples its own actions
         if is_main:
-            print(f"resuming {run_dir} at iteration {iteration}, step {global_step}")
-    if world_size > 1:
-        for tensor in agent.state_dict().values():
-            dist.broadcast(tensor, src=0)  # identical starting weights on every rank
-        torch.manual_seed(args.seed + 1000 * rank + iteration)  # but each rank samples its own actions
-    writer = None
-    if is_main:
-        # purge_step drops what an interrupted process logged after its checkpoint (steps > global_step): the curves
-        # go on without duplicate or missing points.
-        writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
-        if not checkpoint:
-            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+            # purge_step drops what an interrupted process logged after its checkpoint (steps > global_step): the
+            # curves go on without duplicate or missing points.
+            writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
+            if not checkpoint:
+                writer.add_text("hyperparameters",
+                                "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
-    rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, device)
-    recent = {"return": deque(maxlen=20), "x_pos": deque(maxlen=20), "flag_get": deque(maxlen=100)}
-    # On the CPU, acting uses one thread: the emulator workers need the other cores, and idle OpenMP threads would spin
-    # on them (measured here: rollout 0.49x -> 0.76x of random-action stepping). The update gets every thread.
-    update_threads = torch.get_num_threads()
-    rollout_threads = 1 if device.type == "cpu" else update_threads
-    start_time, start_step = time.time(), global_step
-    stop = GracefulStop()
-    try:
+        rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, device)
+        recent = {"return": deque(maxlen=20), "x_pos": deque(maxlen=20), "flag_get": deque(maxlen=100)}
+        # On the CPU, acting uses one thread: the emulator workers need the other cores, and idle OpenMP threads would
+        # spin on them (measured here: rollout 0.49x -> 0.76x of random-action stepping). The update gets them all.
+        update_threads = torch.get_num_threads()
+        rollout_threads = 1 if device.type == "cpu" else update_threads
+        start_time, start_step = time.time(), global_step
         next_obs = torch.as_tensor(envs.reset(seed=args.seed + iteration + 10_000 * rank), device=device)
         while iteration < num_iterations:
             if args.anneal_lr:
@@ -1050,33 +1193,51 @@ def write_video(frames, path: str, fps: int = 15):
         clip.write_videofile(path, fps=fps, logger=None)
 
 
+def play_episode(agent: Agent, env, device, seed: int | None, generator: torch.Generator | None = None,
+                 labels: list[str] | None = None) -> tuple[dict, list[np.ndarray]]:
+    """One whole episode from env.reset(seed=seed) (for Atari, a whole game: play goes on after a lost life), greedy,
+    or sampled with `generator`. Returns the last info and, given action labels, one video frame per action: the
+    screen the action was chosen on (the reset screen first) with that choice's probabilities drawn above it."""
+    obs, _ = env.reset(seed=seed)
+    frames = []
+    while True:
+        with torch.no_grad():
+            probs = agent.action_probs(torch.as_tensor(obs, device=device).unsqueeze(0))[0]
+        action = int(torch.multinomial(probs, 1, generator=generator)) if generator else int(probs.argmax())
+        if labels is not None:  # np.array copies: nes-py renders into one reused buffer
+            frames.append(draw_action_probs(np.array(env.render()), probs.cpu().numpy(), labels, action))
+        obs, _, terminated, truncated, info = env.step(action)
+        if "episode" in info:
+            return info, frames
+        if terminated or truncated:  # Atari: a life lost ended the learner's episode, not the game
+            obs, _ = env.reset()
+
+
 def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | None = None) -> list[dict]:
     """Play whole episodes, greedy unless args.eval_sample, each after a random number of no-op steps (up to
-    eval_noop_max) so that greedy episodes differ. Returns {"return", "length", "x_pos", "flag_get"} per episode; the
-    first episode goes to video_path with the action probabilities drawn above the frames."""
+    eval_noop_max) so that greedy episodes differ. Returns {"return", "length", "x_pos", "flag_get", "furthest_stage"}
+    per episode; the first episode goes to video_path with the action probabilities drawn above the frames."""
     env = make_env(replace(args, noop_max=args.eval_noop_max), render=video_path is not None)()
     labels = action_labels(args, env) if video_path else None
-    generator = torch.Generator(device).manual_seed(args.seed)  # sampled evaluation repeats under the same --seed
+    # Sampled evaluation draws from its own generator: it repeats under the same --seed, whatever training did.
+    generator = torch.Generator(device).manual_seed(args.seed) if args.eval_sample else None
     results = []
     for episode in range(episodes):
-        obs, _ = env.reset(seed=args.seed if episode == 0 else None)  # seeds the no-op starts of all the episodes
-        record = video_path is not None and episode == 0
-        frames, done, info = [], False, {}
-        while not done:
-            x = torch.as_tensor(obs, device=device).unsqueeze(0)
-            with torch.no_grad():
-                probs = agent.action_probs(x)[0]
-            action = int(torch.multinomial(probs, 1, generator=generator)) if args.eval_sample else int(probs.argmax())
-            obs, _, terminated, truncated, info = env.step(action)
-            done = terminated or truncated
-            if record:  # copy: nes-py renders into one reused buffer
-                frames.append(draw_action_probs(np.array(env.render()), probs.cpu().numpy(), labels, action))
-        if record:
+        # The first reset's seed seeds the no-op starts of all the episodes.
+        info, frames = play_episode(agent, env, device, args.seed if episode == 0 else None, generator,
+                                    labels if episode == 0 else None)
+        if frames:
             write_video(frames, video_path)
         results.append({"return": float(info["episode"]["r"]), "length": int(info["episode"]["l"]),
-                        "x_pos": float(info.get("x_pos", np.nan)), "flag_get": bool(info.get("flag_get", False))})
+                        "x_pos": float(info.get("x_pos", np.nan)), "flag_get": bool(info.get("flag_get", False)),
+                        "furthest_stage": info.get("furthest_stage")})
     env.close()
     return results
+
+
+def stage_name(number: int) -> str:
+    """Stage number 1..32 (TrackProgress's furthest_stage) as world-stage: 5 -> '2-1'."""
+    return f"{(number - 1) // 4 + 1}-{(number - 1) % 4 + 1}"
 
 
 def load_agent(checkpoint: dict, path: str, envs_obs_shape: list, num_actions: int, env_id: str, device) -> Agent:
@@ -1093,7 +1254,7 @@ def load_agent(checkpoint: dict, path: str, envs_obs_shape: list, num_actions: i
 def load_for_evaluation(path: str, args: Args, device) -> tuple[Agent, dict]:
     """The agent saved in checkpoint `path` and the checkpoint; args takes the checkpoint's action set, and its env id
     unless one was given."""
-    checkpoint = load_checkpoint(path, device)
+    checkpoint = load_checkpoint(path)
     args.env_id = args.env_id or checkpoint["env_id"]
     args.action_set = checkpoint["action_set"]
     check_env_id(args.env_id)
@@ -1112,10 +1273,12 @@ def run_evaluation(args: Args):
     results = evaluate(agent, args, device, args.eval_episodes, video_path)
 
     returns = [r["return"] for r in results]
-    clears = sum(r["flag_get"] for r in results)
-    mode = "sampled" if args.eval_sample else "greedy"
-    print(f"{args.env_id}: {len(results)} {mode} episodes, cleared {clears}/{len(results)} ({clears / len(results):.0%}), "
-          f"mean x_pos {np.mean([r['x_pos'] for r in results]):.0f}, return {np.mean(returns):.1f} ± {np.std(returns):.1f}")
+    line = f"{args.env_id}: {len(results)} {'sampled' if args.eval_sample else 'greedy'} episodes, "
+    if results[0]["furthest_stage"] is not None:  # Mario
+        clears = sum(r["flag_get"] for r in results)
+        line += (f"cleared {clears}/{len(results)} ({clears / len(results):.0%}), furthest stage "
+                 f"{stage_name(max(r['furthest_stage'] for r in results))}, mean x_pos {np.mean([r['x_pos'] for r in results]):.0f}, ")
+    print(line + f"return {np.mean(returns):.1f} ± {np.std(returns):.1f}")
     print(f"wrote {video_path}")
     return results
 

@@ -1,4 +1,5 @@
-"""ppo_cartpole.py on real CartPole: GAE, the losses, autoreset, a real run, learning, and bad input."""
+"""ppo_cartpole.py on real CartPole: autoreset, a real run, learning, and bad input (GAE, the losses and the update:
+test_ppo_core.py)."""
 
 import os
 import subprocess
@@ -6,12 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-import scipy.signal
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ppo_cartpole
-from ppo_cartpole import Agent, Args, Rollout, collect_rollout, compute_gae, make_vector_env, policy_loss, value_loss
+from ppo_cartpole import Agent, Args, Rollout, collect_rollout, make_vector_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLEANRL_KEYS = [
@@ -24,100 +24,6 @@ CLEANRL_KEYS = [
 def run_cli(*args, timeout=300):
     return subprocess.run([sys.executable, os.path.join(ROOT, "ppo_cartpole.py"), *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
-
-
-# ----------------------------------------------------------------------------------------------------------- GAE
-
-def discounted_cumsum(x, discount):
-    """y[t] = sum_k discount^k x[t+k], by a linear filter run backwards."""
-    return scipy.signal.lfilter([1], [1, -discount], x[::-1])[::-1]
-
-
-def reference_gae(rewards, values, terminations, truncations, final_values, next_value, gamma, lam):
-    """Per environment, per episode segment: TD errors with the right bootstrap, then a discounted sum over the segment."""
-    num_steps, num_envs = rewards.shape
-    advantages = np.zeros_like(rewards)
-    for env in range(num_envs):
-        segment_start = 0
-        for t in range(num_steps):
-            ended = terminations[t, env] or truncations[t, env]
-            if not ended and t < num_steps - 1:
-                continue
-            segment = range(segment_start, t + 1)
-            deltas = []
-            for k in segment:
-                if k < t:
-                    next_v = values[k + 1, env]
-                elif terminations[k, env]:
-                    next_v = 0.0
-                elif truncations[k, env]:
-                    next_v = final_values[k, env]
-                else:  # the rollout's last step, mid-episode
-                    next_v = next_value[env]
-                deltas.append(rewards[k, env] + gamma * next_v - values[k, env])
-            advantages[segment_start:t + 1, env] = discounted_cumsum(np.array(deltas), gamma * lam)
-            segment_start = t + 1
-    return advantages
-
-
-def test_gae_matches_an_independent_per_episode_computation():
-    rng = np.random.default_rng(0)
-    num_steps, num_envs, gamma, lam = 16, 4, 0.97, 0.9
-    rewards = rng.normal(size=(num_steps, num_envs))
-    values = rng.normal(size=(num_steps, num_envs))
-    terminations = np.zeros((num_steps, num_envs))
-    truncations = np.zeros((num_steps, num_envs))
-    terminations[3, 0] = terminations[10, 0] = 1  # two episodes end mid-rollout in env 0
-    truncations[5, 1] = 1                           # a time-limit truncation that must bootstrap
-    terminations[7, 2] = truncations[7, 2] = 1      # both at once: termination wins, no bootstrap
-    truncations[num_steps - 1, 3] = 1               # truncated on the rollout's last step
-    final_values = np.where(truncations == 1, rng.normal(size=(num_steps, num_envs)), 0.0)
-    next_value = rng.normal(size=num_envs)
-
-    t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
-    advantages, returns = compute_gae(t(rewards), t(values), t(terminations), t(truncations), t(final_values),
-                                      t(next_value), gamma, lam)
-    expected = reference_gae(rewards, values, terminations, truncations, final_values, next_value, gamma, lam)
-    np.testing.assert_allclose(advantages.numpy(), expected, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(returns.numpy(), expected + values, rtol=1e-10, atol=1e-10)
-
-
-def test_gae_truncation_bootstraps_and_termination_does_not():
-    # One step, reward 1, V(s)=0, V(final)=10: truncation gives 1 + gamma*10, termination gives 1.
-    ones, zeros = torch.ones(1, 1), torch.zeros(1, 1)
-    final_values = torch.full((1, 1), 10.0)
-    truncated, _ = compute_gae(ones, zeros, zeros, ones, final_values, torch.zeros(1), 0.9, 0.95)
-    terminated, _ = compute_gae(ones, zeros, ones, zeros, final_values, torch.zeros(1), 0.9, 0.95)
-    assert truncated.item() == pytest.approx(1 + 0.9 * 10)
-    assert terminated.item() == pytest.approx(1.0)
-
-
-# ----------------------------------------------------------------------------------------------------------- losses
-
-def test_policy_loss_on_hand_worked_numbers():
-    # ratio = exp(new - old); eps = 0.2; per sample min(r A, clip(r) A):
-    #   A= 2, r=1.5 -> min(3.0, 2.4)   =  2.4  (clipped: no gradient)
-    #   A=-1, r=1.5 -> min(-1.5, -1.2) = -1.5  (unclipped side is lower: gradient flows)
-    #   A= 1, r=0.5 -> min(0.5, 0.8)   =  0.5  (unclipped)
-    #   A=-2, r=0.9 -> inside the range  = -1.8
-    # loss = -(2.4 - 1.5 + 0.5 - 1.8) / 4 = 0.1
-    advantages = torch.tensor([2.0, -1.0, 1.0, -2.0])
-    old_logprob = torch.zeros(4)
-    new_logprob = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.9])).requires_grad_()
-    loss = policy_loss(new_logprob, old_logprob, advantages, clip_coef=0.2)
-    assert loss.item() == pytest.approx(0.1, abs=1e-6)
-    loss.backward()
-    # d loss / d logprob = -A r / 4 where the unclipped term is the minimum, else 0.
-    np.testing.assert_allclose(new_logprob.grad.numpy(), [0.0, 0.375, -0.125, 0.45], atol=1e-6)
-
-
-def test_value_loss_on_hand_worked_numbers():
-    new_values, old_values, returns = torch.tensor([1.0, 3.0]), torch.tensor([0.0, 2.5]), torch.tensor([2.0, 2.0])
-    # Unclipped: 0.5 * mean((1-2)^2, (3-2)^2) = 0.5
-    assert value_loss(new_values, old_values, returns).item() == pytest.approx(0.5)
-    # Clipped predictions: 0 + clip(1, -.2, .2) = 0.2 -> (0.2-2)^2 = 3.24; 2.5 + 0.2 = 2.7 -> 0.49.
-    # Pessimistic max per sample: 3.24 and 1.0 -> 0.5 * mean = 1.06
-    assert value_loss(new_values, old_values, returns, clip_coef=0.2).item() == pytest.approx(1.06)
 
 
 # ----------------------------------------------------------------------------------------------------------- autoreset
@@ -202,6 +108,7 @@ def test_sampled_evaluation_samples_and_repeats_under_the_same_seed():
     (["--env-id", "CartPol-v1"], "unknown env id 'CartPol-v1'; did you mean CartPole-v1"),
     (["--env-id", "Pendulum-v1"], "Pendulum-v1 has a Box action space; this PPO needs a Discrete one"),
     (["--num-minibatches", "3"], "--num-minibatches 3 does not divide the batch of 256"),
+    (["--num-minibatches", "256"], "--num-minibatches 256 leaves 1 sample per minibatch of the batch of 256"),
     (["--num-envs", "0"], "--num-envs must be positive, got 0"),
     (["--learning-rate", "-1e-3"], "--learning-rate must be positive, got -0.001"),
     (["--total-timesteps", "100"], "--total-timesteps 100 is smaller than one batch of 256"),

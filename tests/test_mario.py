@@ -168,7 +168,7 @@ def test_short_training_run_logs_mario_keys_and_eval_plays_the_checkpoint(tmp_pa
     result = run_cli("--eval-checkpoint", str(run_dir), "--eval-episodes", "2", "--stuck-timeout", "20",
                      "--video-path", str(video))
     assert result.returncode == 0, result.stderr
-    assert f"{STAGE}: 2 greedy episodes, cleared 0/2 (0%), mean x_pos" in result.stdout
+    assert f"{STAGE}: 2 greedy episodes, cleared 0/2 (0%), furthest stage 1-1, mean x_pos" in result.stdout
     assert video.stat().st_size > 10_000
 
 
@@ -212,6 +212,7 @@ def test_atari_smoke_run(tmp_path):
     (["--env-id", "SuperMarioBros-1-1-v9"], "it has SuperMarioBros-<world>-<stage>-v0"),
     (["--env-id", "ALE/Breakot-v5"], "unknown Atari id 'ALE/Breakot-v5'; did you mean ALE/Breakout-v5"),
     (["--num-minibatches", "7"], "--num-minibatches 7 does not divide the batch"),
+    (["--num-envs", "1", "--num-steps", "16", "--num-minibatches", "16"], "leaves 1 sample per minibatch"),
     (["--noop-max", "-1"], "--noop-max must be 0 or more, got -1"),
     (["--eval-checkpoint", "/nonexistent.pt"], "no checkpoint at /nonexistent.pt"),
 ])
