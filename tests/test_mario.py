@@ -4,13 +4,15 @@ import os
 import subprocess
 import sys
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from gymnasium.vector import AutoresetMode
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ppo_mario import (Agent, Args, EnvGroups, Rollout, collect_rollout, draw_action_probs, evaluate,
-                       is_gymnasium_native, make_env)
+from ppo_mario import (Agent, Args, EnvGroups, Rollout, action_labels, collect_rollout, draw_action_probs, evaluate,
+                       is_gymnasium_native, make_env, play_episode)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE = "SuperMarioBros-1-1-v0"
@@ -106,6 +108,102 @@ def test_noop_starts_change_when_the_goombas_arrive_and_repeat_under_a_seed():
     env.close()
 
 
+def test_noop_starts_are_no_part_of_the_episode():
+    # Seed 0 draws 26 no-ops; counted as episode steps, a stuck time-out of 5 would truncate inside reset().
+    args = Args(env_id=STAGE, noop_max=30, stuck_timeout=5, flag_bonus=0, death_penalty=0, score_coef=0, reward_scale=1)
+    assert np.random.default_rng(0).integers(0, 31) == 26
+    env = make_env(args)()
+    rewards, infos, terminated, _ = play(env, [RIGHT] * 300)  # play() resets with seed 0: walks into the Goomba
+    assert terminated and infos[-1]["episode"]["l"] == len(rewards) < 100
+    assert infos[-1]["episode"]["r"] == pytest.approx(rewards.sum())
+    env.close()
+
+
+def shipped_agent(stage="1-1"):
+    model = torch.load(os.path.join(ROOT, "models", f"SuperMarioBros-{stage}-v0.pt"), weights_only=True)
+    agent = Agent(4, model["num_actions"])
+    agent.load_state_dict(model["model"])
+    return agent
+
+
+@pytest.mark.skipif(is_gymnasium_native(), reason="the reward terms are the 7.4 line's")
+def test_the_full_game_counts_progress_flags_and_deaths_per_stage_and_life():
+    # The shipped 1-1 model, greedy from the reset state of the full game: it clears 1-1, then loses its three lives
+    # in 1-2. The stuck time-out (30 here) must count progress in 1-2's own x, life by life; the flag bonus is paid
+    # once, the death penalty at each life lost, and the score tally at the end of 1-1 (the remaining time turned into
+    # points as 1-2 begins) is not paid as score.
+    agent = shipped_agent()
+    raw = make_env(Args(env_id="SuperMarioBros-v0", stuck_timeout=30, flag_bonus=0, death_penalty=0, score_coef=0,
+                        reward_scale=1))()
+    obs, _ = raw.reset(seed=0)
+    actions, rewards, infos, done = [], [], [], False
+    while not done:
+        with torch.no_grad():
+            actions.append(int(agent.action_probs(torch.as_tensor(obs).unsqueeze(0))[0].argmax()))
+        obs, reward, terminated, truncated, info = raw.step(actions[-1])
+        rewards.append(reward)
+        infos.append(info)
+        done = terminated or truncated
+    raw.close()
+    assert terminated and not truncated and infos[-1]["life"] == 255  # game over, not a time-out
+    assert [(i["world"], i["stage"]) for i in infos][0] == (1, 1) and (infos[-1]["world"], infos[-1]["stage"]) == (1, 2)
+    assert infos[-1]["furthest_stage"] == 2 and infos[-1]["flags"] == 1 and infos[-1]["max_x_pos"] < 1000
+    flag_step = next(t for t, i in enumerate(infos) if i["flag_get"])
+    tally = infos[flag_step + 1]["score"] - infos[flag_step]["score"]
+    assert infos[flag_step + 1]["stage"] == 2 and tally > 10_000
+
+    shaped = make_env(Args(env_id="SuperMarioBros-v0", stuck_timeout=30, flag_bonus=50, death_penalty=30,
+                           score_coef=0.05, reward_scale=1))()
+    shaped.reset(seed=0)
+    shaped_rewards = [shaped.step(action)[1] for action in actions]
+    shaped.close()
+    extra = np.array(shaped_rewards) - np.array(rewards)
+    assert extra.sum() == pytest.approx(50 - 3 * 30 + 0.05 * (infos[-1]["score"] - tally))
+    assert extra[flag_step] == pytest.approx(50 + 0.05 * (infos[flag_step]["score"] - infos[flag_step - 1]["score"]))
+    lives_lost = [t for t in range(1, len(infos)) if infos[t]["life"] != infos[t - 1]["life"]]
+    assert len(lives_lost) == 3 and all(extra[t] == pytest.approx(-30) for t in lives_lost)
+
+    result = run_cli("--eval-checkpoint", os.path.join("models", "SuperMarioBros-1-1-v0.pt"), "--env-id",
+                     "SuperMarioBros-v0", "--eval-episodes", "1", "--eval-noop-max", "0", "--stuck-timeout", "30",
+                     "--video-path", os.path.join(ROOT, ".pytest_cache", "full-game.mp4"))
+    assert result.returncode == 0, result.stderr
+    assert "SuperMarioBros-v0: 1 greedy episodes, cleared 0/1 (0%), furthest stage 1-2, " in result.stdout
+
+
+def test_atari_uses_cleanrl_ppo_atari_settings_and_logs_whole_games():
+    args = Args(env_id="ALE/Breakout-v5")
+    assert (args.total_timesteps, args.num_steps, args.gamma, args.num_minibatches, args.clip_coef, args.noop_max) == (
+        10_000_000, 128, 0.99, 4, 0.1, 30)
+    assert (args.learning_rate, args.num_envs, args.gae_lambda, args.update_epochs, args.ent_coef) == (
+        2.5e-4, 8, 0.95, 4, 0.01)
+    assert Args(env_id="ALE/Breakout-v5", gamma=0.9).gamma == 0.9  # a flag given wins
+    assert Args().gamma == 0.9 and Args().num_steps == 512  # Mario's
+
+    env = make_env(args)()
+    ale = env.unwrapped.ale
+    assert ale.getFloat("repeat_action_probability") == 0.0  # no sticky actions, as NoFrameskip-v4
+    env.reset(seed=0)
+    assert ale.lives() == 5
+    # NOOP only: the FIRE after each reset launches the ball, nobody returns it. Each lost life ends the learner's
+    # episode; the game, and the episode statistics, go on until the last one.
+    steps, clipped_return, lives_lost = 0, 0.0, 0
+    while True:
+        _, reward, terminated, truncated, info = env.step(0)
+        steps, clipped_return = steps + 1, clipped_return + reward
+        if terminated or truncated:
+            if "episode" in info:
+                break
+            lives_lost += 1
+            assert ale.lives() == 5 - lives_lost
+            env.reset()
+    env.close()
+    assert lives_lost == 4 and ale.lives() == 0
+    # Agent steps of the whole game: the learner's, the FIRE after each of the 5 resets and the no-op that stands for
+    # the reset after each of the 4 lives lost.
+    assert info["episode"]["l"] == steps + 5 + 4
+    assert info["episode"]["r"] >= clipped_return  # unclipped score (clipped to +-1 per step for the learner)
+
+
 # ----------------------------------------------------------------------------------------------------------- autoreset
 
 @pytest.mark.parametrize("sync_envs, groups", [(True, 1), (False, 2)])  # (False, 2): the pipelined rollout
@@ -115,10 +213,24 @@ def test_no_stored_transition_crosses_a_real_episode_end(sync_envs, groups):
     assert len(envs.groups) == groups
     torch.manual_seed(0)
     agent = Agent(4, envs.single_action_space.n)
+    torch.nn.init.normal_(agent.actor.weight, std=0.3)  # a policy that differs from one observation to the next
     rollout = Rollout.empty(args.num_steps, args.num_envs, (4, 84, 84), "cpu")
     first_obs = envs.reset(seed=args.seed)
     _, episodes = collect_rollout(envs, agent, rollout, torch.as_tensor(first_obs), "cpu")
     envs.close()
+
+    # Actions, logprobs and values belong to their observation row: recomputed from the stored row they match, and
+    # replaying the stored actions from the same reset reproduces the stored observations.
+    with torch.no_grad():
+        _, logprobs, _, values = agent.get_action_and_value(rollout.obs.flatten(0, 1), rollout.actions.flatten())
+    torch.testing.assert_close(logprobs.view(args.num_steps, -1), rollout.logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(values.view(args.num_steps, -1), rollout.values, rtol=0, atol=1e-5)
+    replay = gym.vector.SyncVectorEnv([make_env(args)] * args.num_envs, autoreset_mode=AutoresetMode.SAME_STEP)
+    replayed, _ = replay.reset(seed=args.seed)
+    for t in range(args.num_steps):
+        np.testing.assert_array_equal(replayed, rollout.obs[t].numpy(), err_msg=f"step {t}")
+        replayed, *_ = replay.step(rollout.actions[t].numpy())
+    replay.close()
 
     obs = rollout.obs.numpy()
     ends = (rollout.terminations + rollout.truncations).numpy() > 0
@@ -193,6 +305,28 @@ def test_action_probabilities_are_drawn_above_the_frame():
     assert annotated.shape[1:] == (256, 3) and panel.shape[0] == 2 * 12 + 4
     green = (panel[..., 1] > 200) & (panel[..., 0] < 100)
     assert green[12:24].sum() > 0.8 * green.sum() > 0  # the chosen action's bar is the long green one
+
+
+def test_the_video_shows_each_action_on_the_frame_it_was_chosen_on():
+    torch.manual_seed(0)
+    agent = Agent(4, 5)
+    torch.nn.init.normal_(agent.actor.weight, std=0.3)  # probabilities that change from frame to frame
+    args = Args(env_id=STAGE, stuck_timeout=10, noop_max=5)
+    env = make_env(args, render=True)()
+    labels = action_labels(args, env)
+    info, frames = play_episode(agent, env, "cpu", seed=3, labels=labels)
+    assert len(frames) == info["episode"]["l"] > 10
+    # Replayed from the same reset: frame t is the screen action t was chosen on (the reset screen first), drawn with
+    # the probabilities that chose it.
+    obs, _ = env.reset(seed=3)
+    for t, frame in enumerate(frames):
+        with torch.no_grad():
+            probs = agent.action_probs(torch.as_tensor(obs).unsqueeze(0))[0]
+        action = int(probs.argmax())
+        expected = draw_action_probs(np.array(env.render()), probs.numpy(), labels, action)
+        np.testing.assert_array_equal(frame, expected, err_msg=f"frame {t}")
+        obs, *_ = env.step(action)
+    env.close()
 
 
 def test_atari_smoke_run(tmp_path):
