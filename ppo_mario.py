@@ -912,15 +912,19 @@ def newest_checkpoint(path: str) -> str:
     return found[-1]
 
 
-def load_checkpoint(path: str) -> dict:
-    """The checkpoint at `path`, every tensor on the CPU (the RNG states must be; the model and optimizer state are
-    copied onto the training device when loaded into it)."""
+def load_checkpoint(path: str, device="cpu") -> dict:
+    """The checkpoint at `path`, the model's tensors on `device` and everything else on the CPU: the RNG states must
+    be CPU tensors whatever the device, and the optimizer moves its state to its parameters' device as it loads it."""
     try:
-        return torch.load(newest_checkpoint(path), map_location="cpu", weights_only=True)
+        checkpoint = torch.load(newest_checkpoint(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         fail(f"no checkpoint at {path}; pass a checkpoint file or a run directory")
     except Exception as e:
         fail(f"cannot read checkpoint {path} ({type(e).__name__}); the file is truncated or not a checkpoint")
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        fail(f"{path} holds no model; pass a checkpoint written by this script")
+    checkpoint["model"] = {name: tensor.to(device) for name, tensor in checkpoint["model"].items()}
+    return checkpoint
 
 
 def load_training_checkpoint(path: str, world_size: int) -> dict:
@@ -1254,7 +1258,7 @@ def load_agent(checkpoint: dict, path: str, envs_obs_shape: list, num_actions: i
 def load_for_evaluation(path: str, args: Args, device) -> tuple[Agent, dict]:
     """The agent saved in checkpoint `path` and the checkpoint; args takes the checkpoint's action set, and its env id
     unless one was given."""
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, device)
     args.env_id = args.env_id or checkpoint["env_id"]
     args.action_set = checkpoint["action_set"]
     check_env_id(args.env_id)

@@ -49,7 +49,6 @@ def test_resume_continues_the_run_like_a_straight_one(tmp_path):
     for name in os.listdir(resumed_dir / "checkpoints"):
         if name != "step_0000019968.pt":
             os.remove(resumed_dir / "checkpoints" / name)
-    mid_checkpoint = torch.load(resumed_dir / "checkpoints" / "step_0000019968.pt", weights_only=True)
     result = run_cli("--resume", str(resumed_dir))
     assert result.returncode == 0, result.stderr
     assert f"resuming {resumed_dir} at iteration 78, step 19968" in result.stdout
@@ -63,10 +62,10 @@ def test_resume_continues_the_run_like_a_straight_one(tmp_path):
     steps = [step for step, _ in returns]
     assert steps == sorted(steps)
     assert [r for r in returns if r[0] <= 19968] == [r for r in scalars(straight_dir, "charts/episodic_return") if r[0] <= 19968]
-    # The saved weights were the starting point, and the continued run learns as the straight one does.
+    # The continued run learns as the straight one does (that the weights and optimizer state are the saved ones:
+    # test_checkpoints.py).
     final = torch.load(resumed_dir / "checkpoints" / "step_0000039936.pt", weights_only=True)
     assert final["global_step"] == 39936 and final["iteration"] == 156
-    assert not all(torch.equal(final["model"][k], mid_checkpoint["model"][k]) for k in final["model"])
     assert np.mean([v for _, v in returns[-20:]]) >= 200
     assert np.mean([v for _, v in scalars(straight_dir, "charts/episodic_return")[-20:]]) >= 200
 
