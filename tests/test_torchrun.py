@@ -51,12 +51,40 @@ def test_two_gloo_ranks_train_in_lockstep_and_only_rank_0_writes(tmp_path, scrip
     assert final["global_step"] == iterations * 2 * batch and final["iteration"] == iterations
 
 
-def test_target_kl_early_stop_is_joint(tmp_path):
-    # A tiny target stops every update after its first epoch; a rank deciding alone would leave the others waiting in
-    # the next all-reduce, or end with different weights.
-    result = torchrun("ppo_cartpole.py", "--total-timesteps", "4096", "--target-kl", "1e-9", "--runs-dir", str(tmp_path))
+@pytest.mark.parametrize("module", ["ppo_cartpole", "ppo_mario"])
+def test_target_kl_early_stop_is_decided_jointly(tmp_path, module):
+    # Rank 0's batch records logprobs 1 above the policy's (approx KL (e^-1 - 1) + 1 = 0.37 from the first minibatch),
+    # rank 1's the policy's own (KL ~0: the learning rate is tiny). Their mean passes the target of 0.1 and rank 1's
+    # alone never does: both must stop after the first epoch, with the same number of optimizer steps. A rank deciding
+    # alone would run on into an all-reduce the other never joins.
+    script = tmp_path / "target_kl.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {ROOT!r})
+import torch, torch.distributed as dist
+import {module} as script
+script.setup_distributed(want_cuda=False)
+rank = dist.get_rank()
+torch.manual_seed(0)
+if {module!r} == "ppo_mario":
+    agent, obs = script.Agent(4, 5), torch.randint(0, 256, (8, 4, 84, 84), dtype=torch.uint8)
+else:
+    agent, obs = script.Agent(4, 2), torch.randn(8, 4)
+with torch.no_grad():
+    actions, logprobs, _, values = agent.get_action_and_value(obs)
+batch = {{"obs": obs, "actions": actions, "logprobs": logprobs + (1.0 if rank == 0 else 0.0), "values": values,
+         "advantages": torch.randn(8), "returns": values}}
+optimizer = torch.optim.Adam(agent.parameters(), lr=1e-7)
+script.ppo_update(agent, optimizer, batch, script.Args(num_minibatches=2, update_epochs=4, target_kl=0.1))
+steps = torch.tensor([float(optimizer.state[next(agent.parameters())]["step"])])
+gathered = [torch.zeros(1), torch.zeros(1)]
+dist.all_gather(gathered, steps)
+dist.destroy_process_group()
+print(f"rank {{rank}} optimizer steps {{[int(s) for s in gathered]}}")
+""")
+    result = torchrun(str(script), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "weights identical on all 2 ranks" in result.stdout
+    assert "rank 0 optimizer steps [2, 2]" in result.stdout and "rank 1 optimizer steps [2, 2]" in result.stdout
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process's threads from /proc")
