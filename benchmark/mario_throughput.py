@@ -5,10 +5,13 @@
   3. Sync vs Async vector envs with random actions, for 1..--max-envs envs;
   4. the training loop's rollout (acting + stepping, pipelined over two env groups) against random-action stepping of
      the same envs on the same worker processes (target: >= 0.9x);
-  5. whole training (rollout + update) SPS from a short real run with the default hyperparameters, and its peak memory
-     (RSS) with the share of the uint8 rollout buffer.
+  5. whole training (rollout + update) with the default hyperparameters, before and after a speed change, alternated
+     in short real runs: SPS, the PPO update's share of an iteration's wall time, and the peak memory (RSS) with the
+     share of the uint8 rollout buffer. "Before" is --compare-flags (default: --no-channels-last, the default memory
+     layout of the CNN).
 
-    python benchmark/mario_throughput.py                  # a few minutes on 2 cores
+    python benchmark/mario_throughput.py                  # ~15 minutes on 2 cores
+    python benchmark/mario_throughput.py --only-training  # part 5 alone
     python benchmark/mario_throughput.py --cuda --max-envs 16
 """
 
@@ -73,17 +76,8 @@ def rollout_sps(envs, agent, rollout, next_obs, device) -> tuple[float, torch.Te
     return rollout.obs.shape[0] * envs.num_envs / (time.perf_counter() - start), next_obs
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-envs", type=int, default=ppo_mario.Args().num_envs,
-                        help="largest env count measured; the rollout and the training run use it (default: ppo_mario's)")
-    parser.add_argument("--steps", type=int, default=300, help="agent steps per env per measurement")
-    parser.add_argument("--cuda", action="store_true")
-    args = parser.parse_args()
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
-    print(f"machine: {os.cpu_count()} CPU cores, device {device}"
-          + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
-
+def measure_envs_and_rollout(args, device):
+    """Parts 1-4: the emulator, one wrapped env, vector envs with random actions, and the rollout against them."""
     frames = random_steps_per_second(ppo_mario.make_mario_base_env(ENV_ID, "simple", render=False), 4 * args.steps)
     single = random_steps_per_second(ppo_mario.make_env(ppo_mario.Args(env_id=ENV_ID))(), args.steps)
     print("\n| what | throughput |\n|-|-|")
@@ -104,9 +98,9 @@ def main():
         print(f"| {n} | {results[True]:,.0f} | {results[False]:,.0f} | {results[False] / results[True]:.2f}x |")
 
     # Rollout vs random stepping: the same env groups and workers, measured alternately, median of 3 each.
-    n = args.max_envs
     if device.type == "cpu":
         torch.set_num_threads(1)  # as train() acts on the CPU: the emulator workers need the other cores
+    n = args.max_envs
     config = ppo_mario.Args(env_id=ENV_ID, num_envs=n, num_steps=max(32, args.steps // n), cuda=args.cuda)
     envs = ppo_mario.EnvGroups(config)
     agent = ppo_mario.Agent(4, envs.single_action_space.n).to(device)
@@ -123,25 +117,66 @@ def main():
           f"random actions on the same "
           f"workers: {random_median:,.0f}; ratio {rollout_median / random_median:.2f}x (target >= 0.9x)")
 
-    # Whole training: a short real run with the defaults (but --max-envs envs); SPS from its TensorBoard events (the
-    # last iteration, so start-up is amortised); peak RSS of the trainer process (the largest child waited for).
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-envs", type=int, default=ppo_mario.Args().num_envs,
+                        help="largest env count measured; the rollout and the training run use it (default: ppo_mario's)")
+    parser.add_argument("--steps", type=int, default=300, help="agent steps per env per measurement")
+    parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--only-training", action="store_true", help="measure whole training (part 5) only")
+    parser.add_argument("--iterations", type=int, default=3, help="iterations of each training run")
+    parser.add_argument("--repeats", type=int, default=2, help="before/after pairs of training runs")
+    parser.add_argument("--compare-flags", default="--no-channels-last",
+                        help="ppo_mario.py flags of the 'before' runs (default: the CNN in the default memory layout)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    print(f"machine: {os.cpu_count()} CPU cores, device {device}"
+          + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))
+
+    if not args.only_training:
+        measure_envs_and_rollout(args, device)
+    n = args.max_envs
+
+    # Whole training, before and after: short real runs with the defaults (but --max-envs envs), alternated.
     defaults = ppo_mario.Args(num_envs=n)
     batch = n * defaults.num_steps
+    print(f"\nwhole training, defaults ({n} envs x {defaults.num_steps} steps, {defaults.update_epochs} epochs of "
+          f"{defaults.num_minibatches} minibatches), {args.iterations} iterations a run; SPS over the whole run (start-up "
+          "included) and per iteration after the first; the update's share of an iteration's wall time:")
+    print("\n| run | flags | SPS (whole run) | SPS (iterations 2+) | rollout SPS | update share |\n|-|-|-|-|-|-|")
+    peak_rss = None
+    for repeat in range(args.repeats):
+        for label, flags in (("after", []), ("before", args.compare_flags.split())):
+            result = whole_training(n, batch, args.iterations, flags + (["--cuda"] if args.cuda else []))
+            peak_rss = peak_rss or result["peak_rss"]  # the first run's: RUSAGE_CHILDREN keeps the maximum over all
+            print(f"| {label} {repeat + 1} | {' '.join(flags) or '(defaults)'} | {result['sps']:,.0f} | "
+                  f"{result['iteration_sps']:,.0f} | {result['rollout_sps']:,.0f} | {result['update_share']:.0%} |",
+                  flush=True)
+    obs_bytes = batch * 4 * 84 * 84  # uint8 observations
+    other_bytes = batch * (8 + 7 * 4)  # actions (int64) and 7 float32 rows: logprobs, rewards, terminations, ...
+    print(f"\npeak RSS of the trainer (after 1): {peak_rss / 2**20:,.0f} MiB; rollout buffer "
+          f"{(obs_bytes + other_bytes) / 2**20:,.1f} MiB ({(obs_bytes + other_bytes) / peak_rss:.1%}); as float32 the "
+          f"observations alone would take {4 * obs_bytes / 2**20:,.1f} MiB")
+
+
+def whole_training(n: int, batch: int, iterations: int, flags: list[str]) -> dict:
+    """A real training run of `iterations` iterations. From its TensorBoard events: SPS at the end (start-up included),
+    SPS over the iterations after the first (from the events' wall times), the median rollout SPS, and the update's
+    share of those iterations (an iteration's time less its rollout's: the update, with GAE and logging)."""
     with tempfile.TemporaryDirectory() as runs_dir:
         command = [sys.executable, os.path.join(ROOT, "ppo_mario.py"), "--env-id", ENV_ID, "--runs-dir", runs_dir,
-                   "--num-envs", str(n), "--total-timesteps", str(3 * batch)] + (["--cuda"] if args.cuda else [])
+                   "--num-envs", str(n), "--total-timesteps", str(iterations * batch), *flags]
         subprocess.run(command, check=True, capture_output=True)
         peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         (run_dir,) = [os.path.join(runs_dir, d) for d in os.listdir(runs_dir)]
-        sps = load_curve(run_dir, "charts/SPS").values[-1]
-        roll = load_curve(run_dir, "charts/rollout_SPS").values
-    obs_bytes = batch * 4 * 84 * 84  # uint8 observations
-    other_bytes = batch * (8 + 7 * 4)  # actions (int64) and 7 float32 rows: logprobs, rewards, terminations, ...
-    print(f"whole training, defaults ({n} envs x {defaults.num_steps} steps, {defaults.update_epochs} epochs of "
-          f"{defaults.num_minibatches} minibatches): {sps:,.0f} SPS; its rollouts {np.median(roll):,.0f} SPS")
-    print(f"peak RSS of the trainer: {peak_rss / 2**20:,.0f} MiB; rollout buffer {(obs_bytes + other_bytes) / 2**20:,.1f} MiB "
-          f"({(obs_bytes + other_bytes) / peak_rss:.1%}); as float32 the observations alone would take "
-          f"{4 * obs_bytes / 2**20:,.1f} MiB")
+        sps, rollout = load_curve(run_dir, "charts/SPS"), load_curve(run_dir, "charts/rollout_SPS")
+    iteration_seconds = np.diff(sps.seconds)  # iteration k ends when its SPS is logged
+    rollout_seconds = batch / rollout.values[1:]
+    return {"sps": sps.values[-1], "iteration_sps": batch / iteration_seconds.mean(),
+            "rollout_sps": np.median(rollout.values), "peak_rss": peak_rss,
+            "update_share": 1 - rollout_seconds.sum() / iteration_seconds.sum()}
+
 
 if __name__ == "__main__":
     main()
