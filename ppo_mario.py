@@ -8,7 +8,7 @@ Read top to bottom in the order of the algorithm:
     python ppo_mario.py --eval-checkpoint runs/<run_name> --eval-episodes 10   # newest checkpoint of the run
     python ppo_mario.py --resume runs/<run_name>                                # continue an interrupted run
     torchrun --standalone --nproc_per_node 4 ppo_mario.py --cuda                # data-parallel over 4 GPUs
-    python ppo_mario.py --env-id ALE/Breakout-v5       # the same PPO on Atari, to compare with published curves
+    python ppo_mario.py --env-id ALE/Breakout-v5       # the same PPO on Atari with CleanRL ppo_atari's settings
 
 gym-super-mario-bros comes in two lines: 7.4 (Python < 3.13, old gym API, adapted here with shimmy) and 9.x
 (Python >= 3.13, gymnasium-native). The installed one is picked at run time.
