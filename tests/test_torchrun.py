@@ -1,6 +1,7 @@
 """Data-parallel PPO under torchrun: two CPU ranks with gloo, real environments, real collectives."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -8,15 +9,26 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.helpers import children_of
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def torchrun(script, *args, nproc=2, timeout=600):
+    """Run under torchrun; on a time-out (a rank waiting forever) torchrun and its ranks are killed."""
     # --standalone picks a free local port, so concurrent runs do not collide.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.join(ROOT, script), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [process.pid, *map(int, children_of(process.pid))]:  # each rank runs in a session of its own
+            os.kill(pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def events(run_dir):
