@@ -7,6 +7,7 @@ group (or whole match) in the run's path instead.
     python benchmark/compare_runs.py "runs/CartPole-v1__*"
     python benchmark/compare_runs.py runs/* ../cleanrl/runs/* --tag charts/episodic_return --threshold 475 --out cmp.png
     python benchmark/compare_runs.py "runs/*" --group "lr[0-9.e-]+" --smooth 50
+    python benchmark/compare_runs.py "runs/ALE-Breakout-v5__*" --at-steps 250000 500000 1000000 --window 100
 """
 
 import argparse
@@ -102,6 +103,8 @@ def main(argv=None):
     parser.add_argument("--threshold", type=float, help="report steps and wall time until the trailing mean reaches it")
     parser.add_argument("--window", type=int, default=20, help="points in the trailing mean for final value and threshold")
     parser.add_argument("--out", default="comparison.png", help="PNG to write; the CSV goes beside it")
+    parser.add_argument("--at-steps", type=int, nargs="*", default=[],
+                        help="also tabulate, per group, the mean of the last --window points logged by each step")
     args = parser.parse_args(argv)
 
     run_dirs = expand(args.runs)
@@ -142,8 +145,20 @@ def main(argv=None):
             line += (f" {row['reached']}/{row['runs']} | "
                      + (f"{np.mean(steps):,.0f}, {min(steps):,}-{max(steps):,} | {np.mean(seconds):.1f} |" if steps else "- | - |"))
         print(line)
+    if args.at_steps:
+        print(f"\n| group | " + " | ".join(f"step {step:,}" for step in args.at_steps) + " |")
+        print("|-|" + "-|" * len(args.at_steps))
+        for group, runs in curves.items():
+            cells = [values_at(runs.values(), step, args.window) for step in args.at_steps]
+            print(f"| {group} | " + " | ".join(cells) + " |")
     print(f"wrote {args.out} and {csv_path}")
     return rows
+
+
+def values_at(curves, step: int, window: int) -> str:
+    """Mean ± std across runs of the mean of each run's last `window` points logged at or before `step`."""
+    means = [np.mean(c.values[c.steps <= step][-window:]) for c in curves if c.steps[0] <= step <= c.steps[-1]]
+    return f"{np.mean(means):.1f} ± {np.std(means):.1f}" if means else "-"
 
 
 if __name__ == "__main__":

@@ -48,3 +48,12 @@ def test_regex_groups_and_no_runs_is_a_clear_error(tmp_path):
     assert [(row["group"], row["runs"], row["final_mean"]) for row in rows] == [("1e-3", 2, 3.0)]
     with pytest.raises(SystemExit, match="no TensorBoard event files"):
         compare_runs.main([str(tmp_path / "nothing-here")])
+
+
+def test_values_at_steps_average_the_last_points_logged_by_each_step(tmp_path, capsys):
+    # Returns equal to step / 100 every 100 steps: the last 3 points by step 450 are 2, 3, 4 (mean 3); seed 2 adds 10.
+    write_run(tmp_path / "ALE-Breakout-v5__ours__1__100", [(s, s / 100) for s in range(0, 1001, 100)])
+    write_run(tmp_path / "ALE-Breakout-v5__ours__2__101", [(s, s / 100 + 10) for s in range(0, 1001, 100)])
+    compare_runs.main([str(tmp_path / "*"), "--at-steps", "450", "1000", "2000", "--window", "3",
+                       "--out", str(tmp_path / "x.png")])
+    assert "| ALE-Breakout-v5__ours | 8.0 ± 5.0 | 14.0 ± 5.0 | - |" in capsys.readouterr().out
