@@ -7,8 +7,8 @@
      the same envs on the same worker processes (target: >= 0.9x);
   5. whole training (rollout + update) with the default hyperparameters, before and after a speed change, alternated
      in short real runs: SPS, the PPO update's share of an iteration's wall time, and the peak memory (RSS) with the
-     share of the uint8 rollout buffer. "Before" is --compare-flags (default: --no-channels-last, the default memory
-     layout of the CNN).
+     share of the uint8 rollout buffer. "Before" is --compare-flags (default: --no-channels-last
+     --no-keep-freed-memory: the CNN in the default memory layout, glibc's default malloc trimming).
 
     python benchmark/mario_throughput.py                  # ~15 minutes on 2 cores
     python benchmark/mario_throughput.py --only-training  # part 5 alone
@@ -127,8 +127,8 @@ def main():
     parser.add_argument("--only-training", action="store_true", help="measure whole training (part 5) only")
     parser.add_argument("--iterations", type=int, default=3, help="iterations of each training run")
     parser.add_argument("--repeats", type=int, default=2, help="before/after pairs of training runs")
-    parser.add_argument("--compare-flags", default="--no-channels-last",
-                        help="ppo_mario.py flags of the 'before' runs (default: the CNN in the default memory layout)")
+    parser.add_argument("--compare-flags", default="--no-channels-last --no-keep-freed-memory",
+                        help="ppo_mario.py flags of the 'before' runs (default: without the two CPU speed settings)")
     args = parser.parse_args()
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     print(f"machine: {os.cpu_count()} CPU cores, device {device}"
