@@ -425,10 +425,11 @@ class EpisodicLife(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
     def reset(self, **kwargs):
+        if not self.game_over:
+            obs, _, terminated, truncated, info = self.env.step(0)
+            self.game_over = terminated or truncated  # the game can end on that no-op too
         if self.game_over:
             obs, info = self.env.reset(**kwargs)
-        else:
-            obs, _, _, _, info = self.env.step(0)
         self.lives = self.env.unwrapped.ale.lives()
         return obs, info
 

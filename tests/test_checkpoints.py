@@ -34,6 +34,15 @@ def checkpoint_files(run_dir):
     return sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
 
 
+def finished_run_checkpoint(script, runs_dir):
+    """A finished run of 256 steps (one or two iterations): its directory, its one checkpoint's path, and that
+    checkpoint, to edit."""
+    run_dir = tiny_run(script, runs_dir, "--total-timesteps", "256")
+    (name,) = checkpoint_files(run_dir)
+    path = os.path.join(run_dir, "checkpoints", name)
+    return run_dir, path, torch.load(path, weights_only=True)
+
+
 def draws():
     return random.random(), float(np.random.rand()), float(torch.rand(1))
 
@@ -107,10 +116,7 @@ def test_resuming_an_evaluation_only_model_is_one_line_and_creates_nothing(tmp_p
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_checkpoint_of_another_world_size_is_refused(script, tmp_path):
-    run_dir = tiny_run(script, tmp_path, "--total-timesteps", "256")
-    (name,) = checkpoint_files(run_dir)
-    path = os.path.join(run_dir, "checkpoints", name)
-    checkpoint = torch.load(path, weights_only=True)
+    run_dir, path, checkpoint = finished_run_checkpoint(script, tmp_path)
     assert checkpoint["world_size"] == 1
     checkpoint["world_size"] = 2
     torch.save(checkpoint, path)
@@ -138,10 +144,7 @@ def processes_mentioning(text):
 def test_an_error_once_the_environments_run_closes_them(script, tmp_path):
     # A real error after the env workers have started: an optimizer state that does not fit the model (torch raises
     # ValueError as the resume loads it). The process must end, and take its env worker processes with it.
-    run_dir = tiny_run(script, tmp_path, "--total-timesteps", "256")
-    (name,) = checkpoint_files(run_dir)
-    path = os.path.join(run_dir, "checkpoints", name)
-    checkpoint = torch.load(path, weights_only=True)
+    run_dir, path, checkpoint = finished_run_checkpoint(script, tmp_path)
     checkpoint["args"]["total_timesteps"] = 10 ** 7
     checkpoint["optimizer"]["param_groups"][0]["params"] = [0]
     torch.save(checkpoint, path)
