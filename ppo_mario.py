@@ -839,7 +839,7 @@ def broadcast_from_main(value):
 
 def check_ranks_agree(agent: nn.Module, device):
     """After training: every rank must hold exactly the same weights."""
-    flat = nn.utils.parameters_to_vector(agent.parameters()).detach()
+    flat = torch.cat([p.detach().reshape(-1) for p in agent.parameters()])  # reshape: channels-last weights copy
     high, low = flat.clone(), flat.clone()
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
