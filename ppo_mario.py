@@ -1224,7 +1224,7 @@ def play_episode(agent: Agent, env, device, seed: int | None, generator: torch.G
     while True:
         with torch.no_grad():
             probs = agent.action_probs(torch.as_tensor(obs, device=device).unsqueeze(0))[0]
-        action = int(torch.multinomial(probs, 1, generator=generator)) if generator else int(probs.argmax())
+        action = int(torch.multinomial(probs, 1, generator=generator)) if generator is not None else int(probs.argmax())
         if labels is not None:  # np.array copies: nes-py renders into one reused buffer
             frames.append(draw_action_probs(np.array(env.render()), probs.cpu().numpy(), labels, action))
         obs, _, terminated, truncated, info = env.step(action)
