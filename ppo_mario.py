@@ -611,8 +611,11 @@ class Rollout:
     def empty(cls, num_steps: int, num_envs: int, obs_shape: tuple, device):
         shape = (num_steps, num_envs)
         tensors = {f.name: torch.zeros(shape, device=device) for f in fields(cls) if f.name not in ("obs", "actions")}
-        return cls(obs=torch.zeros(shape + obs_shape, dtype=torch.uint8, device=device),
-                   actions=torch.zeros(shape, dtype=torch.long, device=device), **tensors)
+        # Frames are stored channels-last (the C of C x H x W innermost), the layout the CNN reads by default: a
+        # minibatch gathered from the flattened rollout is then laid out for the convolutions already.
+        channels, height, width = obs_shape
+        obs = torch.zeros(shape + (height, width, channels), dtype=torch.uint8, device=device).permute(0, 1, 4, 2, 3)
+        return cls(obs=obs, actions=torch.zeros(shape, dtype=torch.long, device=device), **tensors)
 
 
 EPISODE_KEYS = ("x_pos", "max_x_pos", "flag_get", "world", "stage", "furthest_stage")
