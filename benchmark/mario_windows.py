@@ -1,5 +1,5 @@
 """Mario training episodes per window of agent steps: how many ended, how far they got (on average and at most), how
-many reached the flag.
+many reached the flag, and (--past X) how many got past a wall at x_pos X.
 
 Reads a run directory's TensorBoard events (all event files of a resumed run). Whether an episode reached the flag is
 its `mario/episode_flag_get`; runs from before that tag existed give the flag's x position instead (--flag-x, 3161 on
@@ -7,6 +7,7 @@ its `mario/episode_flag_get`; runs from before that tag existed give the flag's 
 
     python benchmark/mario_windows.py benchmark/mario-1-1/seed1/<run> --flag-x 3161
     python benchmark/mario_windows.py runs/<run> --window 50000
+    python benchmark/mario_windows.py runs/<run> --past 783    # 1-3's first wall
 """
 
 import argparse
@@ -19,8 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tbcurves import load_curve  # noqa: E402
 
 
-def episode_windows(run_dir: str, window: int, flag_x: int | None = None) -> tuple[list[dict], int | None]:
-    """One row per window of `window` agent steps (episodes ending in (start, end]) and the step of the first flag."""
+def episode_windows(run_dir: str, window: int, flag_x: int | None = None,
+                    past: int | None = None) -> tuple[list[dict], int | None]:
+    """One row per window of `window` agent steps (episodes ending in (start, end]) and the step of the first flag;
+    with `past`, each row also counts the episodes whose max x_pos went beyond it."""
     max_x = load_curve(run_dir, "mario/max_x_pos")
     if max_x is None:
         sys.exit(f"error: {run_dir} has no mario/max_x_pos events; give the directory of a Mario run")
@@ -41,6 +44,8 @@ def episode_windows(run_dir: str, window: int, flag_x: int | None = None) -> tup
                          "mean_max_x_pos": float(max_x.values[in_window].mean()),
                          "furthest_x_pos": float(max_x.values[in_window].max()),
                          "flag_rate": float(cleared[in_window].mean())})
+            if past is not None:
+                rows[-1]["past"] = int((max_x.values[in_window] > past).sum())
     first_flag = int(max_x.steps[np.argmax(cleared)]) if cleared.any() else None
     return rows, first_flag
 
@@ -50,14 +55,16 @@ def main(argv=None):
     parser.add_argument("run_dir")
     parser.add_argument("--window", type=int, default=100_000, help="agent steps per row")
     parser.add_argument("--flag-x", type=int, help="x_pos of the flag, for runs without mario/episode_flag_get")
+    parser.add_argument("--past", type=int, help="also count the episodes whose max x_pos went beyond this x_pos")
     args = parser.parse_args(argv)
 
-    rows, first_flag = episode_windows(args.run_dir, args.window, args.flag_x)
-    print("| steps | episodes | mean max x_pos | furthest x_pos | flag rate |")
-    print("|-|-|-|-|-|")
+    rows, first_flag = episode_windows(args.run_dir, args.window, args.flag_x, args.past)
+    past = "" if args.past is None else f" past x {args.past} |"
+    print(f"| steps | episodes | mean max x_pos | furthest x_pos | flag rate |{past}")
+    print("|-|-|-|-|-|" + ("-|" if past else ""))
     for row in rows:
         print(f"| {row['start'] / 1000:g}k-{row['end'] / 1000:g}k | {row['episodes']} | {row['mean_max_x_pos']:.0f} | "
-              f"{row['furthest_x_pos']:.0f} | {row['flag_rate']:.0%} |")
+              f"{row['furthest_x_pos']:.0f} | {row['flag_rate']:.0%} |" + (f" {row['past']} |" if past else ""))
     print("first flag: " + (f"step {first_flag:,}" if first_flag is not None else "none yet"))
     return rows, first_flag
 

@@ -32,6 +32,12 @@ def test_rows_per_window_and_first_flag(tmp_path):
     assert first_flag == 100
 
 
+def test_episodes_past_a_wall_are_counted_per_window(tmp_path):
+    write_episodes(tmp_path, EPISODES)
+    rows, _ = mario_windows.main([str(tmp_path), "--window", "100", "--past", "1000"])
+    assert [r["past"] for r in rows] == [1, 0, 2]  # 1000 itself is not past it
+
+
 def test_older_runs_need_the_flag_position(tmp_path):
     write_episodes(tmp_path, EPISODES, per_episode_flag=False)
     with pytest.raises(SystemExit) as exit_info:
