@@ -1035,9 +1035,8 @@ def log_episodes(writer, episodes, global_step: int, num_envs: int, world_size: 
             writer.add_scalar("mario/max_x_pos", episode["max_x_pos"], at_step)
             writer.add_scalar("mario/flag_get", np.mean(recent["flag_get"]), at_step)
             writer.add_scalar("mario/episode_flag_get", float(episode["flag_get"]), at_step)  # 0/1, for any window
-            writer.add_scalar("mario/world", episode["world"], at_step)
-            writer.add_scalar("mario/stage", episode["stage"], at_step)
-            writer.add_scalar("mario/furthest_stage", episode["furthest_stage"], at_step)  # 1-1 -> 1, ..., 8-4 -> 32
+            # World and stage are in it (1-1 -> 1, ..., 8-4 -> 32): two more tags per episode would double no information.
+            writer.add_scalar("mario/furthest_stage", episode["furthest_stage"], at_step)
 
 
 def train(args: Args) -> str:

@@ -266,9 +266,9 @@ def test_short_training_run_logs_mario_keys_and_eval_plays_the_checkpoint(tmp_pa
     expected = {"charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
                 "charts/rollout_SPS", "losses/value_loss", "losses/policy_loss", "losses/entropy",
                 "losses/old_approx_kl", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance",
-                "mario/x_pos", "mario/max_x_pos", "mario/flag_get", "mario/episode_flag_get", "mario/world",
-                "mario/stage"}
-    assert expected <= tags, expected - tags
+                "mario/x_pos", "mario/max_x_pos", "mario/flag_get", "mario/episode_flag_get", "mario/furthest_stage"}
+    assert tags == expected, tags ^ expected  # lean: nothing per episode that another tag already says
+    assert {e.value for e in events.Scalars("mario/furthest_stage")} == {1.0}  # 1-1
     assert [e.step for e in events.Scalars("charts/SPS")] == [128, 256, 384, 512]
     assert all(0 < e.value < 3300 for e in events.Scalars("mario/x_pos"))
     assert {e.value for e in events.Scalars("mario/episode_flag_get")} <= {0.0, 1.0}
