@@ -35,6 +35,9 @@ def episode_windows(run_dir: str, window: int, flag_x: int | None = None,
     else:
         sys.exit(f"error: {run_dir} has no mario/episode_flag_get events (an older run); "
                  f"give the stage's flag position with --flag-x (3161 on 1-1)")
+    # A run still writing its events can end between an episode's tags: keep the episodes both tags have.
+    episodes = min(len(max_x.values), len(cleared))
+    max_x.steps, max_x.values, cleared = max_x.steps[:episodes], max_x.values[:episodes], cleared[:episodes]
     rows, last = [], int(max_x.steps[-1])
     for start in range(0, last, window):
         end = min(start + window, last)

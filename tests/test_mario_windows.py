@@ -45,3 +45,12 @@ def test_older_runs_need_the_flag_position(tmp_path):
     assert "--flag-x" in str(exit_info.value)
     rows, first_flag = mario_windows.main([str(tmp_path), "--window", "100", "--flag-x", "3161"])
     assert [r["flag_rate"] for r in rows] == [0.5, 0.0, 0.5] and first_flag == 100
+
+
+def test_a_live_run_whose_file_ends_between_an_episodes_tags_is_read_up_to_it(tmp_path):
+    write_episodes(tmp_path, EPISODES)
+    writer = SummaryWriter(str(tmp_path))
+    writer.add_scalar("mario/max_x_pos", 500, 300)  # the next episode's first tag, its flag not yet written
+    writer.close()
+    rows, first_flag = mario_windows.main([str(tmp_path), "--window", "100"])
+    assert [r["episodes"] for r in rows] == [2, 1, 2] and first_flag == 100
