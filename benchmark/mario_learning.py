@@ -56,11 +56,11 @@ def main():
     for seed in args.seeds:
         seed_dir = os.path.join(args.runs_dir, f"seed{seed}")
         run = os.path.join(seed_dir, os.listdir(seed_dir)[0])
-        x, flags, sps = (load_curve(run, tag) for tag in ("mario/max_x_pos", "mario/flag_get", "charts/SPS"))
-        rises = np.flatnonzero(np.diff(flags.values, prepend=0.0) > 0)  # the logged rate rises only at a flag episode
-        first_flag = f"{flags.steps[rises[0]]:,}" if len(rises) else "-"
+        x, flags, sps = (load_curve(run, tag) for tag in ("mario/max_x_pos", "mario/episode_flag_get", "charts/SPS"))
+        cleared = np.flatnonzero(flags.values > 0)
+        first_flag = f"{flags.steps[cleared[0]]:,}" if len(cleared) else "-"
         print(f"| {seed} | {sps.steps[-1]:,} | {len(x.values)} | {x.values.max():.0f} | {np.mean(x.values[-100:]):.0f} | "
-              f"{flags.values[-1]:.0%} | {first_flag} | {np.mean(sps.values):,.0f} |")
+              f"{np.mean(flags.values[-100:]):.0%} | {first_flag} | {np.mean(sps.values):,.0f} |")
 
 
 if __name__ == "__main__":

@@ -266,12 +266,20 @@ def test_short_training_run_logs_mario_keys_and_eval_plays_the_checkpoint(tmp_pa
     expected = {"charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
                 "charts/rollout_SPS", "losses/value_loss", "losses/policy_loss", "losses/entropy",
                 "losses/old_approx_kl", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance",
-                "mario/x_pos", "mario/max_x_pos", "mario/flag_get", "mario/episode_flag_get", "mario/furthest_stage"}
+                "mario/max_x_pos", "mario/flag_get", "mario/episode_flag_get", "mario/furthest_stage"}
     assert tags == expected, tags ^ expected  # lean: nothing per episode that another tag already says
+    per_episode = [events.Scalars(tag) for tag in ("charts/episodic_return", "mario/max_x_pos",
+                                                   "mario/episode_flag_get", "mario/furthest_stage")]
+    assert len({tuple(e.step for e in scalars) for scalars in per_episode}) == 1  # one value per episode, same steps
     assert {e.value for e in events.Scalars("mario/furthest_stage")} == {1.0}  # 1-1
-    assert [e.step for e in events.Scalars("charts/SPS")] == [128, 256, 384, 512]
-    assert all(0 < e.value < 3300 for e in events.Scalars("mario/x_pos"))
+    assert all(40 <= e.value < 3300 for e in events.Scalars("mario/max_x_pos"))  # Mario starts at x 40
     assert {e.value for e in events.Scalars("mario/episode_flag_get")} <= {0.0, 1.0}
+    iteration_steps = [e.step for e in events.Scalars("charts/SPS")]
+    assert iteration_steps == [128, 256, 384, 512]
+    flag_rate = events.Scalars("mario/flag_get")  # once per iteration: the share of the last 100 episodes
+    assert {e.step for e in flag_rate} <= set(iteration_steps) and flag_rate[-1].step == 512
+    last_100 = [e.value for e in events.Scalars("mario/episode_flag_get")][-100:]
+    assert flag_rate[-1].value == pytest.approx(np.mean(last_100))
 
     checkpoint = torch.load(run_dir / "checkpoints" / "step_0000000512.pt", weights_only=True)
     assert checkpoint["env_id"] == STAGE and checkpoint["num_actions"] == 5 and checkpoint["global_step"] == 512
