@@ -122,6 +122,9 @@ class Args:
     """times the in-game score gained in a step (7.4 line only)"""
     reward_scale: float = 0.1
     """multiplies the whole reward the agent learns from (episodic_return logs the env's own reward)"""
+    pay_skipped_ground: bool = True
+    """pay x reward for the new ground a pipe moves Mario to: the env pays x at most 5 pixels a frame, so it pays nothing
+    for 1-2's exit pipe, and the dead end above 1-2's Warp Zone would pay more than the flag (7.4 line only)"""
 
     # Algorithm
     total_timesteps: Annotated[int | None, preset("total_timesteps", "INT")] = None
@@ -301,6 +304,11 @@ def make_mario_base_env(env_id: str, action_set: str, render: bool):
     return shimmy.GymV21CompatibilityV0(env=env, render_mode=render_mode)
 
 
+FRAMES_PER_STEP = 4  # each agent step repeats its action for 4 emulator frames
+# The 7.4 env's x reward pays moves of at most 5 pixels a frame (more is a respawn or a pipe); Mario runs at under 3.
+MAX_RUN_STEP = 5 * FRAMES_PER_STEP
+
+
 class TrackProgress(gym.Wrapper):
     """Progress through the game, for logging and the stuck time-out. A full-game id (SuperMarioBros-v0) plays stage
     after stage with x_pos restarting at each and a life lost not ending the episode, so progress is counted per
@@ -310,6 +318,8 @@ class TrackProgress(gym.Wrapper):
         info["furthest_stage"]  the furthest stage reached, numbered 1-1 -> 1, 1-2 -> 2, ..., 8-4 -> 32
         info["flags"]           flags (ends of stages: flag or axe) reached in the episode
         info["stage_cleared"]   whether the current stage's flag has been reached (until the next stage begins)
+        info["skipped_x"]       new ground (beyond the farthest x of the life) reached by a jump in x that no walk
+                                or run makes in one step: a pipe to another part of the stage; else 0
 
     With stuck_timeout > 0 the episode is truncated after that many steps without a new farthest x of the current
     life in the current stage (a truncation: the value of the state still counts)."""
@@ -323,15 +333,20 @@ class TrackProgress(gym.Wrapper):
         self.stage, self.life = (info.get("world"), info.get("stage")), info.get("life")
         self.max_x_pos = self.life_max_x_pos = self.steps_without_progress = 0
         self.furthest_stage, self.flags, self.cleared_stage = 0, 0, None
+        self.x_pos = info.get("x_pos")
         return obs, info
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
         stage = (info["world"], info["stage"])
+        skipped_x = 0
         if stage != self.stage or info["life"] != self.life:  # a new stage, or a respawn: progress starts over
             if stage != self.stage:
                 self.max_x_pos = 0
             self.stage, self.life, self.life_max_x_pos, self.steps_without_progress = stage, info["life"], 0, 0
+        elif self.x_pos is not None and info["x_pos"] - self.x_pos > MAX_RUN_STEP:
+            skipped_x = max(0, info["x_pos"] - max(self.x_pos, self.life_max_x_pos))
+        self.x_pos = info["x_pos"]
         self.max_x_pos = max(self.max_x_pos, info["x_pos"])
         if info["x_pos"] > self.life_max_x_pos:
             self.life_max_x_pos, self.steps_without_progress = info["x_pos"], 0
@@ -341,7 +356,7 @@ class TrackProgress(gym.Wrapper):
             self.flags, self.cleared_stage = self.flags + 1, stage
         self.furthest_stage = max(self.furthest_stage, 4 * (stage[0] - 1) + stage[1])
         info.update(max_x_pos=self.max_x_pos, furthest_stage=self.furthest_stage, flags=self.flags,
-                    stage_cleared=self.cleared_stage == stage)
+                    stage_cleared=self.cleared_stage == stage, skipped_x=skipped_x)
         if self.stuck_timeout and self.steps_without_progress >= self.stuck_timeout:
             truncated = True
         return obs, reward, terminated, truncated, info
@@ -349,15 +364,16 @@ class TrackProgress(gym.Wrapper):
 
 class ShapeReward(gym.Wrapper):
     """reward_scale * (env reward + score_coef * score gained + flag_bonus at each stage's flag - death_penalty at each
-    life lost), over TrackProgress (whose flag count it reads). The score the game adds while tallying a cleared stage
-    (its remaining time, counted until the next stage begins) is not paid: it rewards the clock, not play. With
-    add_terms=False (the 9.x line, whose reward has these terms already) only the scale applies."""
+    life lost [+ skipped_x, the ground a pipe skips, with pay_skipped_ground]), over TrackProgress (whose flag count and
+    skipped_x it reads). The score the game adds while tallying a cleared stage (its remaining time, counted until the
+    next stage begins) is not paid: it rewards the clock, not play. With add_terms=False (the 9.x line, whose reward
+    has these terms already) only the scale applies."""
 
     def __init__(self, env, flag_bonus: float, death_penalty: float, score_coef: float, reward_scale: float,
-                 add_terms: bool):
+                 add_terms: bool, pay_skipped_ground: bool):
         super().__init__(env)
         self.flag_bonus, self.death_penalty, self.score_coef = flag_bonus, death_penalty, score_coef
-        self.reward_scale, self.add_terms = reward_scale, add_terms
+        self.reward_scale, self.add_terms, self.pay_skipped_ground = reward_scale, add_terms, pay_skipped_ground
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
@@ -373,6 +389,8 @@ class ShapeReward(gym.Wrapper):
             if not self.last["stage_cleared"]:
                 reward += self.score_coef * (now["score"] - self.last["score"])
             reward += self.flag_bonus * (now["flags"] - self.last["flags"])
+            if self.pay_skipped_ground:
+                reward += info["skipped_x"]
             # A single-stage episode ends at a death before the life counter drops; a full game counts lives.
             if (terminated and not info["flag_get"]) or now["lives"] < self.last["lives"]:
                 reward -= self.death_penalty
@@ -473,13 +491,13 @@ def make_env(args: Args, render: bool = False):
         env = make_mario_base_env(args.env_id, args.action_set, render)
         # Repeat each action 4 frames; the observation is the max of the last two (sprites flicker between frames).
         # The max is written into a new array, so nes-py's reused screen buffer is never kept.
-        env = gym.wrappers.MaxAndSkipObservation(env, skip=4)
+        env = gym.wrappers.MaxAndSkipObservation(env, skip=FRAMES_PER_STEP)
         if args.noop_max:
             env = NoopStart(env, args.noop_max)
         env = TrackProgress(env, args.stuck_timeout)
         env = gym.wrappers.RecordEpisodeStatistics(env)
         env = ShapeReward(env, args.flag_bonus, args.death_penalty, args.score_coef, args.reward_scale,
-                          add_terms=not is_gymnasium_native())
+                          add_terms=not is_gymnasium_native(), pay_skipped_ground=args.pay_skipped_ground)
         env = gym.wrappers.GrayscaleObservation(env)
         env = gym.wrappers.ResizeObservation(env, (84, 84))
         return gym.wrappers.FrameStackObservation(env, 4)
@@ -966,6 +984,7 @@ RESUME_FLAGS = ("resume", "cuda", "save_interval", "keep_checkpoints", "capture_
 
 
 def resumed_args(args: Args, saved: dict) -> Args:
+    saved = {"pay_skipped_ground": False, **saved}  # runs from before the option trained without it
     resumed = Args(**{f.name: saved[f.name] for f in fields(Args) if f.name in saved})
     defaults = Args(env_id=args.env_id)  # what the command line holds for a flag not given
     for f in fields(Args):

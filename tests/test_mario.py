@@ -1,5 +1,6 @@
 """ppo_mario.py on the real NES emulator (the ROM ships with gym-super-mario-bros) and on real ALE."""
 
+import json
 import os
 import subprocess
 import sys
@@ -72,6 +73,71 @@ def test_reward_options_change_the_reward_as_documented():
     np.testing.assert_allclose(shaped, 0.1 * (raw + 0.05 * scores), atol=1e-9)
     raw_env.close()
     shaped_env.close()
+
+
+@pytest.mark.skipif(is_gymnasium_native(), reason="the reward terms are the 7.4 line's")
+def test_the_ground_a_pipe_skips_is_paid_so_the_flag_outpays_the_warp_zone_ceiling():
+    # Two greedy episodes of a 1-2 probe checkpoint (simple actions, step 1,187,840), recorded as joypad actions from
+    # the reset state (no-ops first): one walks into the exit pipe and on to the flag, the other runs along the ceiling
+    # to the wall above the Warp Zone and stands there until the stuck time-out. The emulator replays them exactly.
+    with open(os.path.join(ROOT, "tests", "data", "mario_1-2_routes.json")) as f:
+        routes = json.load(f)
+    returns, pipe_step_reward = {}, {}
+    for pay in (False, True):
+        env = make_env(Args(env_id="SuperMarioBros-1-2-v0", action_set="simple", pay_skipped_ground=pay))()
+        for name, actions in routes.items():
+            rewards, infos, terminated, truncated = play(env, actions)
+            assert len(rewards) == len(actions)
+            returns[name, pay] = rewards.sum()
+            skips = {t: info["skipped_x"] for t, info in enumerate(infos) if info["skipped_x"]}
+            if name == "warp_zone_ceiling":
+                assert truncated and not terminated and 2950 < infos[-1]["x_pos"] < 3150 and skips == {}
+                continue
+            assert terminated and infos[-1]["flag_get"]
+            # One skip: the pipe moves Mario from x ~2645 to ~2872 in one step, new ground all of it.
+            [(t, skipped)] = skips.items()
+            assert skipped == infos[t]["x_pos"] - infos[t - 1]["x_pos"] > 200
+            pipe_step_reward[pay] = rewards[t]
+        env.close()
+    assert pipe_step_reward[False] < 1  # the env's own reward pays (almost) nothing for 200+ pixels
+    assert pipe_step_reward[True] - pipe_step_reward[False] == pytest.approx(0.1 * skipped)
+    # Without the pay the dead end earns more than the flag; with it, the flag earns more.
+    assert returns["warp_zone_ceiling", False] > returns["exit_pipe_to_the_flag", False]
+    assert returns["exit_pipe_to_the_flag", True] > returns["warp_zone_ceiling", True]
+    assert returns["exit_pipe_to_the_flag", True] - returns["exit_pipe_to_the_flag", False] == pytest.approx(0.1 * skipped)
+    assert returns["warp_zone_ceiling", True] == returns["warp_zone_ceiling", False]
+
+
+class ScriptedMarioInfo(gym.Env):
+    """Stands in for the emulator below TrackProgress: each step returns the next of a script of (life, x_pos) in
+    world 1 stage 1, for moves no short test can play (a pipe into a bonus room and out of it further on)."""
+    observation_space = gym.spaces.Discrete(1)
+    action_space = gym.spaces.Discrete(1)
+
+    def __init__(self, script):
+        self.script = script
+
+    def reset(self, **kwargs):
+        self.t = 0
+        return 0, {}
+
+    def step(self, action):
+        life, x_pos = self.script[self.t]
+        self.t += 1
+        return 0, 0.0, False, False, {"world": 1, "stage": 1, "life": life, "x_pos": x_pos, "flag_get": False}
+
+
+def test_only_new_ground_counts_as_skipped():
+    from ppo_mario import TrackProgress
+    script = [(2, 40), (2, 46), (2, 52), (2, 58),  # walk
+              (2, 10), (2, 16), (2, 22),            # a pipe back down to a room with a low x, and on in it
+              (2, 88),                              # a pipe out, 30 pixels past the farthest x of the life
+              (2, 94), (2, 130),                    # walk, then a pipe again, from the farthest x: 36 new
+              (1, 40), (1, 46), (1, 300)]           # a life lost: x starts over, then a pipe: all of it new
+    env = TrackProgress(ScriptedMarioInfo(script))
+    env.reset()
+    skipped = [env.step(0)[4]["skipped_x"] for _ in script]
+    assert skipped == [0, 0, 0, 0, 0, 0, 0, 30, 0, 36, 0, 0, 254]
 
 
 def test_stuck_timeout_truncates_and_records_progress():
