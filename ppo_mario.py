@@ -7,6 +7,7 @@ Read top to bottom in the order of the algorithm:
     python ppo_mario.py --env-id SuperMarioBros-1-1-v0 --cuda
     python ppo_mario.py --eval-checkpoint runs/<run_name> --eval-episodes 10   # newest checkpoint of the run
     python ppo_mario.py --resume runs/<run_name>                                # continue an interrupted run
+    python ppo_mario.py --fork runs/<run_name> --ent-coef 0.05    # a new run from there, with other settings
     torchrun --standalone --nproc_per_node 4 ppo_mario.py --cuda                # data-parallel over 4 GPUs
     python ppo_mario.py --env-id ALE/Breakout-v5       # the same PPO on Atari with CleanRL ppo_atari's settings
 
@@ -85,6 +86,9 @@ class Args:
     """how many of the newest checkpoints to keep"""
     resume: str | None = None
     """continue a run: a checkpoint file, or a run directory to take its newest checkpoint (the run keeps its Args)"""
+    fork: str | None = None
+    """start a new run from a checkpoint's weights, optimizer state and step count, with its Args but for the flags
+    given: other settings from a point of a run without training to it again (a run directory: its newest)"""
     capture_video: bool = False
     """write a video of a greedy evaluation episode every video_interval iterations"""
     video_interval: int = 50
@@ -983,9 +987,14 @@ def load_training_checkpoint(path: str, world_size: int) -> dict:
 RESUME_FLAGS = ("resume", "cuda", "save_interval", "keep_checkpoints", "capture_video", "video_interval")
 
 
-def resumed_args(args: Args, saved: dict) -> Args:
+def saved_args(saved: dict) -> Args:
+    """The Args a checkpoint holds."""
     saved = {"pay_skipped_ground": False, **saved}  # runs from before the option trained without it
-    resumed = Args(**{f.name: saved[f.name] for f in fields(Args) if f.name in saved})
+    return Args(**{f.name: saved[f.name] for f in fields(Args) if f.name in saved})
+
+
+def resumed_args(args: Args, saved: dict) -> Args:
+    resumed = saved_args(saved)
     defaults = Args(env_id=args.env_id)  # what the command line holds for a flag not given
     for f in fields(Args):
         given = getattr(args, f.name)
@@ -1079,6 +1088,11 @@ def train(args: Args) -> str:
         check_writable(run_dir)
     batch_size = args.num_envs * args.num_steps  # per rank
     num_iterations = args.total_timesteps // (batch_size * world_size)
+    if args.fork:
+        checkpoint = load_checkpoint(args.fork)
+        if checkpoint["global_step"] // (batch_size * world_size) >= num_iterations:
+            fail(f"--fork {args.fork} is at step {checkpoint['global_step']}, already at --total-timesteps "
+                 f"{args.total_timesteps}; raise --total-timesteps")
 
     seed_everything(args.seed, args.torch_deterministic)
     if args.keep_freed_memory:
@@ -1090,13 +1104,25 @@ def train(args: Args) -> str:
         agent = Agent(obs_shape[0], envs.single_action_space.n, args.channels_last).to(device)
         optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
         iteration = 0
+        if args.fork:
+            check_fits(checkpoint, args.fork, list(obs_shape), int(envs.single_action_space.n), args.env_id,
+                       f"keep its --action-set ({checkpoint['action_set']}) and an --env-id of the same kind")
         if checkpoint:
             agent.load_state_dict(checkpoint["model"])  # copied onto the device's tensors
-            optimizer.load_state_dict(checkpoint["optimizer"])  # moved to the parameters' device by torch
-            global_step, iteration = checkpoint["global_step"], checkpoint["iteration"]
+            if "optimizer" in checkpoint:  # an evaluation-only model forks with a fresh optimizer
+                optimizer.load_state_dict(checkpoint["optimizer"])  # moved to the parameters' device by torch
+            global_step = checkpoint["global_step"]
+        if args.resume:
+            iteration = checkpoint["iteration"]
             set_rng_states(checkpoint["rng"])
             if is_main:
                 print(f"resuming {run_dir} at iteration {iteration}, step {global_step}")
+        elif args.fork:
+            # The step count goes on, and with it the learning-rate schedule, at this run's batch size and rate.
+            iteration = global_step // (batch_size * world_size)
+            optimizer.param_groups[0]["lr"] = args.learning_rate
+            if is_main:
+                print(f"forking {args.fork} at step {global_step} into {run_dir}")
         if world_size > 1:
             for tensor in agent.state_dict().values():
                 dist.broadcast(tensor, src=0)  # identical starting weights on every rank
@@ -1104,8 +1130,8 @@ def train(args: Args) -> str:
         if is_main:
             # purge_step drops what an interrupted process logged after its checkpoint (steps > global_step): the
             # curves go on without duplicate or missing points.
-            writer = SummaryWriter(run_dir, purge_step=global_step + 1 if checkpoint else None)
-            if not checkpoint:
+            writer = SummaryWriter(run_dir, purge_step=global_step + 1 if args.resume else None)
+            if not args.resume:
                 writer.add_text("hyperparameters",
                                 "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
@@ -1283,12 +1309,16 @@ def stage_name(number: int) -> str:
     return f"{(number - 1) // 4 + 1}-{(number - 1) % 4 + 1}"
 
 
-def load_agent(checkpoint: dict, path: str, envs_obs_shape: list, num_actions: int, env_id: str, device) -> Agent:
-    """The saved agent, after checking that it fits the env's observations and actions."""
+def check_fits(checkpoint: dict, path: str, envs_obs_shape: list, num_actions: int, env_id: str, fix: str):
     if (checkpoint["obs_shape"], checkpoint["num_actions"]) != (envs_obs_shape, num_actions):
         fail(f"checkpoint {path} is for {checkpoint['env_id']} (observations {checkpoint['obs_shape']}, "
              f"{checkpoint['num_actions']} actions), not {env_id} (observations {envs_obs_shape}, {num_actions} "
-             "actions); pass a matching --env-id")
+             f"actions); {fix}")
+
+
+def load_agent(checkpoint: dict, path: str, envs_obs_shape: list, num_actions: int, env_id: str, device) -> Agent:
+    """The saved agent, after checking that it fits the env's observations and actions."""
+    check_fits(checkpoint, path, envs_obs_shape, num_actions, env_id, "pass a matching --env-id")
     agent = Agent(envs_obs_shape[0], num_actions).to(device)
     agent.load_state_dict(checkpoint["model"])
     return agent
@@ -1327,6 +1357,8 @@ def run_evaluation(args: Args):
 
 
 def main(args: Args):
+    if args.resume and args.fork:
+        fail("--resume continues a run and --fork starts a new one from a checkpoint; pass one of them")
     if args.eval_checkpoint is None and args.resume:
         return train(args)  # the run's saved Args are validated once merged
     validate_args(args)
@@ -1336,5 +1368,16 @@ def main(args: Args):
     return train(args)
 
 
+def cli_args() -> Args:
+    """The command line. With --fork, a flag not given takes the forked run's value, not the default (those of
+    RESUME_FLAGS excepted: they concern this process, not the run)."""
+    args = tyro.cli(Args)
+    if args.fork and not args.resume and args.eval_checkpoint is None:
+        parent = saved_args(load_checkpoint(args.fork)["args"])
+        process_defaults = {name: getattr(Args(), name) for name in RESUME_FLAGS}
+        args = tyro.cli(Args, default=replace(parent, fork=None, **process_defaults))
+    return args
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli_args())

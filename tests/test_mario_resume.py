@@ -73,3 +73,43 @@ def test_a_checkpoint_for_another_env_is_refused_naming_both(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert ("is for SuperMarioBros-1-1-v0 (observations [4, 84, 84], 5 actions), not ALE/Breakout-v5 "
             "(observations [4, 84, 84], 4 actions)") in result.stderr
+
+
+def test_a_fork_is_a_new_run_that_starts_from_the_checkpoints_weights_optimizer_and_step(tmp_path):
+    assert run_cli("--total-timesteps", "256", "--ent-coef", "0.03", "--runs-dir", str(tmp_path / "parent"),
+                   *TINY_RUN).returncode == 0
+    parent_dir = only_run_dir(tmp_path / "parent")
+    parent = torch.load(os.path.join(parent_dir, "checkpoints", "step_0000000256.pt"), weights_only=True)
+
+    # A learning rate of 1e-12 moves no weight: the fork's last checkpoint holds the weights it started from.
+    result = run_cli("--fork", parent_dir, "--exp-name", "forked", "--learning-rate", "1e-12", "--total-timesteps",
+                     "512", "--runs-dir", str(tmp_path / "fork"))
+    assert result.returncode == 0, result.stderr
+    fork_dir = only_run_dir(tmp_path / "fork")
+    assert os.path.basename(fork_dir).startswith("SuperMarioBros-1-1-v0__forked__1__")
+    assert f"forking {parent_dir} at step 256 into {fork_dir}" in result.stdout
+    forked = torch.load(os.path.join(fork_dir, "checkpoints", "step_0000000512.pt"), weights_only=True)
+    assert forked["args"]["learning_rate"] == 1e-12 and forked["args"]["fork"] == parent_dir
+    assert forked["args"]["ent_coef"] == 0.03 and forked["args"]["num_envs"] == 2  # flags not given: the parent's
+    for name, tensor in parent["model"].items():
+        torch.testing.assert_close(forked["model"][name], tensor, atol=1e-9, rtol=0)
+    # Adam's own step count goes on: 2 iterations of 2 minibatches after the parent's.
+    assert forked["optimizer"]["state"][0]["step"] == parent["optimizer"]["state"][0]["step"] + 4
+    # The curves go on from step 256 on the schedule of 4 iterations, of which the parent's 2 are done.
+    lr = scalars(fork_dir, "charts/learning_rate")
+    assert [step for step, _ in lr] == [384, 512]
+    np.testing.assert_allclose([v for _, v in lr], [1e-12 * (1 - 2 / 4), 1e-12 * (1 - 3 / 4)], rtol=1e-6)
+
+
+def test_a_fork_that_cannot_go_on_is_one_clear_line(tmp_path):
+    assert run_cli("--total-timesteps", "256", "--runs-dir", str(tmp_path / "parent"), *TINY_RUN).returncode == 0
+    parent_dir = only_run_dir(tmp_path / "parent")
+    for cli_args, message in [
+        (["--action-set", "complex", "--total-timesteps", "512"], "(observations [4, 84, 84], 5 actions), not SuperMarioBros-1-1-v0 (observations "
+                                      "[4, 84, 84], 12 actions); keep its --action-set (right_only)"),
+        ([], "is at step 256, already at --total-timesteps 256; raise --total-timesteps"),  # the parent's total
+        (["--resume", parent_dir], "--resume continues a run and --fork starts a new one"),
+    ]:
+        result = run_cli("--fork", parent_dir, "--runs-dir", str(tmp_path / "fork"), *cli_args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
