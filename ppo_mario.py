@@ -7,7 +7,7 @@ Read top to bottom in the order of the algorithm:
     python ppo_mario.py --env-id SuperMarioBros-1-1-v0 --cuda
     python ppo_mario.py --eval-checkpoint runs/<run_name> --eval-episodes 10   # newest checkpoint of the run
     python ppo_mario.py --resume runs/<run_name>                                # continue an interrupted run
-    python ppo_mario.py --fork runs/<run_name> --ent-coef 0.05    # a new run from there, with other settings
+    python ppo_mario.py --fork runs/<run_name> --ent-coef 0.05                  # a new run from there, other settings
     torchrun --standalone --nproc_per_node 4 ppo_mario.py --cuda                # data-parallel over 4 GPUs
     python ppo_mario.py --env-id ALE/Breakout-v5       # the same PPO on Atari with CleanRL ppo_atari's settings
 

@@ -105,8 +105,9 @@ def test_a_fork_that_cannot_go_on_is_one_clear_line(tmp_path):
     assert run_cli("--total-timesteps", "256", "--runs-dir", str(tmp_path / "parent"), *TINY_RUN).returncode == 0
     parent_dir = only_run_dir(tmp_path / "parent")
     for cli_args, message in [
-        (["--action-set", "complex", "--total-timesteps", "512"], "(observations [4, 84, 84], 5 actions), not SuperMarioBros-1-1-v0 (observations "
-                                      "[4, 84, 84], 12 actions); keep its --action-set (right_only)"),
+        (["--action-set", "complex", "--total-timesteps", "512"],
+         "(observations [4, 84, 84], 5 actions), not SuperMarioBros-1-1-v0 (observations [4, 84, 84], 12 actions); "
+         "keep its --action-set (right_only)"),
         ([], "is at step 256, already at --total-timesteps 256; raise --total-timesteps"),  # the parent's total
         (["--resume", parent_dir], "--resume continues a run and --fork starts a new one"),
     ]:
