@@ -129,6 +129,10 @@ class Args:
     pay_skipped_ground: bool = True
     """pay x reward for the new ground a pipe moves Mario to: the env pays x at most 5 pixels a frame, so it pays nothing
     for 1-2's exit pipe, and the dead end above 1-2's Warp Zone would pay more than the flag (7.4 line only)"""
+    height_coef: float = 0.0
+    """times the height Mario gains in a step (y_pos in pixels; a fall pays it back): summed over a life it is the
+    height he ends at above where he started, but it pays a jump up onto higher ground, as onto 1-3's tall treetops,
+    when it happens (7.4 line only)"""
 
     # Algorithm
     total_timesteps: Annotated[int | None, preset("total_timesteps", "INT")] = None
@@ -311,6 +315,8 @@ def make_mario_base_env(env_id: str, action_set: str, render: bool):
 FRAMES_PER_STEP = 4  # each agent step repeats its action for 4 emulator frames
 # The 7.4 env's x reward pays moves of at most 5 pixels a frame (more is a respawn or a pipe); Mario runs at under 3.
 MAX_RUN_STEP = 5 * FRAMES_PER_STEP
+# Mario rises and falls at under 8 pixels a frame; y_pos moves more only when it wraps (a fall below the screen).
+MAX_CLIMB_STEP = 8 * FRAMES_PER_STEP
 
 
 class TrackProgress(gym.Wrapper):
@@ -324,6 +330,8 @@ class TrackProgress(gym.Wrapper):
         info["stage_cleared"]   whether the current stage's flag has been reached (until the next stage begins)
         info["skipped_x"]       new ground (beyond the farthest x of the life) reached by a jump in x that no walk
                                 or run makes in one step: a pipe to another part of the stage; else 0
+        info["height_gained"]   the change in y_pos in the step (negative: down); 0 at a new stage or life and
+                                when y_pos wraps as Mario falls below the screen
 
     With stuck_timeout > 0 the episode is truncated after that many steps without a new farthest x of the current
     life in the current stage (a truncation: the value of the state still counts)."""
@@ -337,20 +345,23 @@ class TrackProgress(gym.Wrapper):
         self.stage, self.life = (info.get("world"), info.get("stage")), info.get("life")
         self.max_x_pos = self.life_max_x_pos = self.steps_without_progress = 0
         self.furthest_stage, self.flags, self.cleared_stage = 0, 0, None
-        self.x_pos = info.get("x_pos")
+        self.x_pos, self.y_pos = info.get("x_pos"), info.get("y_pos")
         return obs, info
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
         stage = (info["world"], info["stage"])
-        skipped_x = 0
+        skipped_x = height_gained = 0
         if stage != self.stage or info["life"] != self.life:  # a new stage, or a respawn: progress starts over
             if stage != self.stage:
                 self.max_x_pos = 0
             self.stage, self.life, self.life_max_x_pos, self.steps_without_progress = stage, info["life"], 0, 0
-        elif self.x_pos is not None and info["x_pos"] - self.x_pos > MAX_RUN_STEP:
-            skipped_x = max(0, info["x_pos"] - max(self.x_pos, self.life_max_x_pos))
-        self.x_pos = info["x_pos"]
+        elif self.x_pos is not None:
+            if info["x_pos"] - self.x_pos > MAX_RUN_STEP:
+                skipped_x = max(0, info["x_pos"] - max(self.x_pos, self.life_max_x_pos))
+            if abs(info["y_pos"] - self.y_pos) <= MAX_CLIMB_STEP:
+                height_gained = info["y_pos"] - self.y_pos
+        self.x_pos, self.y_pos = info["x_pos"], info["y_pos"]
         self.max_x_pos = max(self.max_x_pos, info["x_pos"])
         if info["x_pos"] > self.life_max_x_pos:
             self.life_max_x_pos, self.steps_without_progress = info["x_pos"], 0
@@ -360,7 +371,7 @@ class TrackProgress(gym.Wrapper):
             self.flags, self.cleared_stage = self.flags + 1, stage
         self.furthest_stage = max(self.furthest_stage, 4 * (stage[0] - 1) + stage[1])
         info.update(max_x_pos=self.max_x_pos, furthest_stage=self.furthest_stage, flags=self.flags,
-                    stage_cleared=self.cleared_stage == stage, skipped_x=skipped_x)
+                    stage_cleared=self.cleared_stage == stage, skipped_x=skipped_x, height_gained=height_gained)
         if self.stuck_timeout and self.steps_without_progress >= self.stuck_timeout:
             truncated = True
         return obs, reward, terminated, truncated, info
@@ -368,16 +379,18 @@ class TrackProgress(gym.Wrapper):
 
 class ShapeReward(gym.Wrapper):
     """reward_scale * (env reward + score_coef * score gained + flag_bonus at each stage's flag - death_penalty at each
-    life lost [+ skipped_x, the ground a pipe skips, with pay_skipped_ground]), over TrackProgress (whose flag count and
-    skipped_x it reads). The score the game adds while tallying a cleared stage (its remaining time, counted until the
-    next stage begins) is not paid: it rewards the clock, not play. With add_terms=False (the 9.x line, whose reward
-    has these terms already) only the scale applies."""
+    life lost [+ skipped_x, the ground a pipe skips, with pay_skipped_ground] + height_coef * height_gained), over
+    TrackProgress (whose flag count, skipped_x and height_gained it reads). The score the game adds while tallying a
+    cleared stage (its remaining time, counted until the next stage begins) is not paid: it rewards the clock, not
+    play. With add_terms=False (the 9.x line, whose reward has the score, flag and death terms already) only the scale
+    applies."""
 
     def __init__(self, env, flag_bonus: float, death_penalty: float, score_coef: float, reward_scale: float,
-                 add_terms: bool, pay_skipped_ground: bool):
+                 add_terms: bool, pay_skipped_ground: bool, height_coef: float):
         super().__init__(env)
         self.flag_bonus, self.death_penalty, self.score_coef = flag_bonus, death_penalty, score_coef
         self.reward_scale, self.add_terms, self.pay_skipped_ground = reward_scale, add_terms, pay_skipped_ground
+        self.height_coef = height_coef
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
@@ -395,6 +408,7 @@ class ShapeReward(gym.Wrapper):
             reward += self.flag_bonus * (now["flags"] - self.last["flags"])
             if self.pay_skipped_ground:
                 reward += info["skipped_x"]
+            reward += self.height_coef * info["height_gained"]
             # A single-stage episode ends at a death before the life counter drops; a full game counts lives.
             if (terminated and not info["flag_get"]) or now["lives"] < self.last["lives"]:
                 reward -= self.death_penalty
@@ -501,7 +515,8 @@ def make_env(args: Args, render: bool = False):
         env = TrackProgress(env, args.stuck_timeout)
         env = gym.wrappers.RecordEpisodeStatistics(env)
         env = ShapeReward(env, args.flag_bonus, args.death_penalty, args.score_coef, args.reward_scale,
-                          add_terms=not is_gymnasium_native(), pay_skipped_ground=args.pay_skipped_ground)
+                          add_terms=not is_gymnasium_native(), pay_skipped_ground=args.pay_skipped_ground,
+                          height_coef=args.height_coef)
         env = gym.wrappers.GrayscaleObservation(env)
         env = gym.wrappers.ResizeObservation(env, (84, 84))
         return gym.wrappers.FrameStackObservation(env, 4)

@@ -18,6 +18,7 @@ from ppo_mario import (Agent, Args, EnvGroups, Rollout, TrackProgress, action_la
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE = "SuperMarioBros-1-1-v0"
 RIGHT, RIGHT_JUMP = 1, 2  # indices in the right_only (default) and simple action sets
+RIGHT_JUMP_RUN = 4  # right + A + B in right_only
 TINY_RUN = ["--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2", "--update-epochs", "1"]
 
 
@@ -109,6 +110,27 @@ def test_the_ground_a_pipe_skips_is_paid_so_the_flag_outpays_the_warp_zone_ceili
     assert returns["warp_zone_ceiling", True] == returns["warp_zone_ceiling", False]
 
 
+@pytest.mark.skipif(is_gymnasium_native(), reason="the reward terms are the 7.4 line's")
+def test_height_coef_pays_the_climb_onto_higher_ground_and_nothing_for_the_wrap_of_a_fall():
+    # 1-3 from the reset state: run, a held running jump up onto the first treetop (16 pixels above the start), then
+    # run off its edge into the gap. y_pos wraps from near 0 to ~255 as Mario drops below the screen.
+    route = [RIGHT] * 30 + [RIGHT_JUMP_RUN] * 8 + [RIGHT] * 40
+    plain_env = make_env(Args(env_id="SuperMarioBros-1-3-v0", height_coef=0.0))()
+    height_env = make_env(Args(env_id="SuperMarioBros-1-3-v0", height_coef=0.5))()
+    plain, infos, terminated, _ = play(plain_env, route)
+    paid, _, _, _ = play(height_env, route)
+    plain_env.close()
+    height_env.close()
+    heights = np.array([info["y_pos"] for info in infos])
+    assert terminated and heights[-2] < 30 and heights[-1] > 200 and not infos[-1]["flag_get"]
+    extra = (paid - plain) / 0.1  # the height term before the default reward_scale of 0.1
+    np.testing.assert_allclose(extra[1:-1], 0.5 * np.diff(heights[:-1]), atol=1e-6)
+    assert extra[-1] == pytest.approx(0)  # the wrap is no climb
+    landed = next(t for t in range(31, len(heights)) if heights[t] == heights[t - 1] > heights[0])
+    assert heights[landed] - heights[0] == 16 and max(heights[:landed]) >= 140
+    assert extra[:landed + 1].sum() == pytest.approx(0.5 * 16)  # up 60+, down 40+: the 16 kept are what is paid
+
+
 class ScriptedMarioInfo(gym.Env):
     """Stands in for the emulator below TrackProgress: each step returns the next of a script of (life, x_pos) in
     world 1 stage 1, for moves no short test can play (a pipe into a bonus room and out of it further on)."""
@@ -125,7 +147,8 @@ class ScriptedMarioInfo(gym.Env):
     def step(self, action):
         life, x_pos = self.script[self.t]
         self.t += 1
-        return 0, 0.0, False, False, {"world": 1, "stage": 1, "life": life, "x_pos": x_pos, "flag_get": False}
+        return 0, 0.0, False, False, {"world": 1, "stage": 1, "life": life, "x_pos": x_pos, "y_pos": 79,
+                                      "flag_get": False}
 
 
 def test_only_new_ground_counts_as_skipped():
