@@ -1103,10 +1103,12 @@ def train(args: Args) -> str:
         check_writable(run_dir)
     batch_size = args.num_envs * args.num_steps  # per rank
     num_iterations = args.total_timesteps // (batch_size * world_size)
-    if args.fork:
-        checkpoint = load_checkpoint(args.fork)
+    # A resumed fork goes on from its own checkpoint: its saved --fork only records where it began.
+    fork = None if args.resume else args.fork
+    if fork:
+        checkpoint = load_checkpoint(fork)
         if checkpoint["global_step"] // (batch_size * world_size) >= num_iterations:
-            fail(f"--fork {args.fork} is at step {checkpoint['global_step']}, already at --total-timesteps "
+            fail(f"--fork {fork} is at step {checkpoint['global_step']}, already at --total-timesteps "
                  f"{args.total_timesteps}; raise --total-timesteps")
 
     seed_everything(args.seed, args.torch_deterministic)
@@ -1119,8 +1121,8 @@ def train(args: Args) -> str:
         agent = Agent(obs_shape[0], envs.single_action_space.n, args.channels_last).to(device)
         optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
         iteration = 0
-        if args.fork:
-            check_fits(checkpoint, args.fork, list(obs_shape), int(envs.single_action_space.n), args.env_id,
+        if fork:
+            check_fits(checkpoint, fork, list(obs_shape), int(envs.single_action_space.n), args.env_id,
                        f"keep its --action-set ({checkpoint['action_set']}) and an --env-id of the same kind")
         if checkpoint:
             agent.load_state_dict(checkpoint["model"])  # copied onto the device's tensors
@@ -1132,12 +1134,12 @@ def train(args: Args) -> str:
             set_rng_states(checkpoint["rng"])
             if is_main:
                 print(f"resuming {run_dir} at iteration {iteration}, step {global_step}")
-        elif args.fork:
+        elif fork:
             # The step count goes on, and with it the learning-rate schedule, at this run's batch size and rate.
             iteration = global_step // (batch_size * world_size)
             optimizer.param_groups[0]["lr"] = args.learning_rate
             if is_main:
-                print(f"forking {args.fork} at step {global_step} into {run_dir}")
+                print(f"forking {fork} at step {global_step} into {run_dir}")
         if world_size > 1:
             for tensor in agent.state_dict().values():
                 dist.broadcast(tensor, src=0)  # identical starting weights on every rank

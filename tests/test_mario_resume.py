@@ -81,9 +81,9 @@ def test_a_fork_is_a_new_run_that_starts_from_the_checkpoints_weights_optimizer_
     parent_dir = only_run_dir(tmp_path / "parent")
     parent = torch.load(os.path.join(parent_dir, "checkpoints", "step_0000000256.pt"), weights_only=True)
 
-    # A learning rate of 1e-12 moves no weight: the fork's last checkpoint holds the weights it started from.
+    # A learning rate of 1e-12 moves no weight: the fork's checkpoints hold the weights it started from.
     result = run_cli("--fork", parent_dir, "--exp-name", "forked", "--learning-rate", "1e-12", "--total-timesteps",
-                     "512", "--runs-dir", str(tmp_path / "fork"))
+                     "768", "--save-interval", "1", "--runs-dir", str(tmp_path / "fork"))
     assert result.returncode == 0, result.stderr
     fork_dir = only_run_dir(tmp_path / "fork")
     assert os.path.basename(fork_dir).startswith("SuperMarioBros-1-1-v0__forked__1__")
@@ -95,10 +95,20 @@ def test_a_fork_is_a_new_run_that_starts_from_the_checkpoints_weights_optimizer_
         torch.testing.assert_close(forked["model"][name], tensor, atol=1e-9, rtol=0)
     # Adam's own step count goes on: 2 iterations of 2 minibatches after the parent's.
     assert forked["optimizer"]["state"][0]["step"] == parent["optimizer"]["state"][0]["step"] + 4
-    # The curves go on from step 256 on the schedule of 4 iterations, of which the parent's 2 are done.
+    # The curves go on from step 256 on the schedule of 6 iterations, of which the parent's 2 are done.
     lr = scalars(fork_dir, "charts/learning_rate")
-    assert [step for step, _ in lr] == [384, 512]
-    np.testing.assert_allclose([v for _, v in lr], [1e-12 * (1 - 2 / 4), 1e-12 * (1 - 3 / 4)], rtol=1e-6)
+    assert [step for step, _ in lr] == [384, 512, 640, 768]
+    np.testing.assert_allclose([v for _, v in lr], [1e-12 * (1 - i / 6) for i in range(2, 6)], rtol=1e-6)
+
+    # Resumed, the fork goes on from its own newest checkpoint, not from the parent its Args name.
+    os.remove(os.path.join(fork_dir, "checkpoints", "step_0000000768.pt"))
+    result = run_cli("--resume", fork_dir)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming {fork_dir} at iteration 5, step 640" in result.stdout
+    resumed = torch.load(os.path.join(fork_dir, "checkpoints", "step_0000000768.pt"), weights_only=True)
+    assert resumed["iteration"] == 6 and resumed["args"]["fork"] == parent_dir
+    assert resumed["optimizer"]["state"][0]["step"] == parent["optimizer"]["state"][0]["step"] + 8
+    assert [step for step, _ in scalars(fork_dir, "charts/learning_rate")] == [384, 512, 640, 768]
 
 
 def test_a_fork_that_cannot_go_on_is_one_clear_line(tmp_path):
