@@ -1,5 +1,6 @@
 """Mario training episodes per window of agent steps: how many ended, how far they got (on average and at most), how
-many reached the flag, and (--past X) how many got past a wall at x_pos X.
+many reached the flag, and (--past X) how many got past a wall at x_pos X; --ends START END tells where the episodes
+that ended in that span of steps without the flag stopped (max x_pos in bins of 50, the largest heaps first).
 
 Reads a run directory's TensorBoard events (all event files of a resumed run). Whether an episode reached the flag is
 its `mario/episode_flag_get`; runs from before that tag existed give the flag's x position instead (--flag-x, 3161 on
@@ -8,6 +9,7 @@ its `mario/episode_flag_get`; runs from before that tag existed give the flag's 
     python benchmark/mario_windows.py benchmark/mario-1-1/seed1/<run> --flag-x 3161
     python benchmark/mario_windows.py runs/<run> --window 50000
     python benchmark/mario_windows.py runs/<run> --past 783    # 1-3's first wall
+    python benchmark/mario_windows.py runs/<run> --ends 2500000 3000000    # where the last 500k steps' misses stopped
 """
 
 import argparse
@@ -20,10 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tbcurves import load_curve  # noqa: E402
 
 
-def episode_windows(run_dir: str, window: int, flag_x: int | None = None,
-                    past: int | None = None) -> tuple[list[dict], int | None]:
-    """One row per window of `window` agent steps (episodes ending in (start, end]) and the step of the first flag;
-    with `past`, each row also counts the episodes whose max x_pos went beyond it."""
+def load_episodes(run_dir: str, flag_x: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each training episode's end step, max x_pos and whether it reached the flag, from a run's events."""
     max_x = load_curve(run_dir, "mario/max_x_pos")
     if max_x is None:
         sys.exit(f"error: {run_dir} has no mario/max_x_pos events; give the directory of a Mario run")
@@ -37,20 +37,39 @@ def episode_windows(run_dir: str, window: int, flag_x: int | None = None,
                  f"give the stage's flag position with --flag-x (3161 on 1-1)")
     # A run still writing its events can end between an episode's tags: keep the episodes both tags have.
     episodes = min(len(max_x.values), len(cleared))
-    max_x.steps, max_x.values, cleared = max_x.steps[:episodes], max_x.values[:episodes], cleared[:episodes]
-    rows, last = [], int(max_x.steps[-1])
+    return max_x.steps[:episodes], max_x.values[:episodes], cleared[:episodes]
+
+
+def episode_windows(run_dir: str, window: int, flag_x: int | None = None,
+                    past: int | None = None) -> tuple[list[dict], int | None]:
+    """One row per window of `window` agent steps (episodes ending in (start, end]) and the step of the first flag;
+    with `past`, each row also counts the episodes whose max x_pos went beyond it."""
+    steps, max_x, cleared = load_episodes(run_dir, flag_x)
+    rows, last = [], int(steps[-1])
     for start in range(0, last, window):
         end = min(start + window, last)
-        in_window = (max_x.steps > start) & (max_x.steps <= end)
+        in_window = (steps > start) & (steps <= end)
         if in_window.any():
             rows.append({"start": start, "end": end, "episodes": int(in_window.sum()),
-                         "mean_max_x_pos": float(max_x.values[in_window].mean()),
-                         "furthest_x_pos": float(max_x.values[in_window].max()),
+                         "mean_max_x_pos": float(max_x[in_window].mean()),
+                         "furthest_x_pos": float(max_x[in_window].max()),
                          "flag_rate": float(cleared[in_window].mean())})
             if past is not None:
-                rows[-1]["past"] = int((max_x.values[in_window] > past).sum())
-    first_flag = int(max_x.steps[np.argmax(cleared)]) if cleared.any() else None
+                rows[-1]["past"] = int((max_x[in_window] > past).sum())
+    first_flag = int(steps[np.argmax(cleared)]) if cleared.any() else None
     return rows, first_flag
+
+
+def where_misses_ended(run_dir: str, start: int, end: int, flag_x: int | None = None,
+                       bin_width: int = 50) -> tuple[int, int, list[tuple[int, int]]]:
+    """Of the episodes ending in steps (start, end]: how many, how many without the flag, and the max x_pos of those
+    (each rounded down to its bin of `bin_width`) as (bin, count), the most common first: the walls of a run."""
+    steps, max_x, cleared = load_episodes(run_dir, flag_x)
+    in_span = (steps > start) & (steps <= end)
+    missed = max_x[in_span & ~cleared]
+    bins, counts = np.unique((missed // bin_width * bin_width).astype(int), return_counts=True)
+    order = np.lexsort((bins, -counts))
+    return int(in_span.sum()), len(missed), [(int(bins[i]), int(counts[i])) for i in order]
 
 
 def main(argv=None):
@@ -59,6 +78,8 @@ def main(argv=None):
     parser.add_argument("--window", type=int, default=100_000, help="agent steps per row")
     parser.add_argument("--flag-x", type=int, help="x_pos of the flag, for runs without mario/episode_flag_get")
     parser.add_argument("--past", type=int, help="also count the episodes whose max x_pos went beyond this x_pos")
+    parser.add_argument("--ends", type=int, nargs=2, metavar=("START", "END"),
+                        help="also tell where the episodes ending in steps (START, END] without the flag stopped")
     args = parser.parse_args(argv)
 
     rows, first_flag = episode_windows(args.run_dir, args.window, args.flag_x, args.past)
@@ -69,6 +90,11 @@ def main(argv=None):
         print(f"| {row['start'] / 1000:g}k-{row['end'] / 1000:g}k | {row['episodes']} | {row['mean_max_x_pos']:.0f} | "
               f"{row['furthest_x_pos']:.0f} | {row['flag_rate']:.0%} |" + (f" {row['past']} |" if past else ""))
     print("first flag: " + (f"step {first_flag:,}" if first_flag is not None else "none yet"))
+    if args.ends:
+        start, end = args.ends
+        episodes, missed, heaps = where_misses_ended(args.run_dir, start, end, args.flag_x)
+        print(f"steps {start:,}-{end:,}: {episodes} episodes ended, {missed} without the flag; their max x_pos in bins "
+              "of 50 (bin: episodes), the largest heaps first: " + ", ".join(f"{x}: {n}" for x, n in heaps[:10]))
     return rows, first_flag
 
 

@@ -54,3 +54,14 @@ def test_a_live_run_whose_file_ends_between_an_episodes_tags_is_read_up_to_it(tm
     writer.close()
     rows, first_flag = mario_windows.main([str(tmp_path), "--window", "100"])
     assert [r["episodes"] for r in rows] == [2, 1, 2] and first_flag == 100
+
+
+def test_where_the_misses_of_a_span_ended(tmp_path, capsys):
+    write_episodes(tmp_path, EPISODES + [(270, 1020, 1000, False), (280, 2049, 2049, False), (290, 2030, 2030, False)])
+    # Steps (100, 290]: 150, 250 (a flag: left out), 260, 270, 280, 290. Bins of 50: 1000 (x 1000 and 1020), 2000
+    # (2000, 2030 and 2049); the flag episode at step 100 lies outside the span.
+    episodes, missed, heaps = mario_windows.where_misses_ended(str(tmp_path), 100, 290)
+    assert (episodes, missed, heaps) == (6, 5, [(2000, 3), (1000, 2)])
+    mario_windows.main([str(tmp_path), "--window", "100", "--ends", "0", "260"])
+    assert "steps 0-260: 5 episodes ended, 3 without the flag" in capsys.readouterr().out
+    assert mario_windows.where_misses_ended(str(tmp_path), 0, 300)[2][:2] == [(2000, 3), (1000, 2)]
