@@ -16,7 +16,7 @@ def model_path(stage: str) -> str:
 MODEL = model_path("1-1")
 
 
-@pytest.mark.parametrize("stage", ["1-1", "1-2", "1-3", "1-4"])
+@pytest.mark.parametrize("stage", ["1-1", "1-2", "1-3", "1-4", "2-4"])
 def test_shipped_model_is_a_small_evaluation_file(stage):
     path = os.path.join(ROOT, model_path(stage))
     model = torch.load(path, weights_only=True)
@@ -24,7 +24,7 @@ def test_shipped_model_is_a_small_evaluation_file(stage):
     assert "optimizer" not in model and os.path.getsize(path) < 10 * 2**20
 
 
-@pytest.mark.parametrize("stage, episodes", [("1-1", 3), ("1-2", 2), ("1-3", 2), ("1-4", 2)])
+@pytest.mark.parametrize("stage, episodes", [("1-1", 3), ("1-2", 2), ("1-3", 2), ("1-4", 2), ("2-4", 2)])
 def test_shipped_model_clears_its_stage(tmp_path, stage, episodes):
     video = tmp_path / "clear.gif"
     result = run_script("ppo_mario.py", "--eval-checkpoint", model_path(stage), "--eval-episodes", str(episodes),
