@@ -111,6 +111,32 @@ def test_a_fork_is_a_new_run_that_starts_from_the_checkpoints_weights_optimizer_
     assert [step for step, _ in scalars(fork_dir, "charts/learning_rate")] == [384, 512, 640, 768]
 
 
+def test_an_evaluation_only_export_forks_with_its_weights_and_step_and_a_fresh_optimizer(tmp_path):
+    # How a run goes on across machines that keep no runs/: its newest checkpoint exported (no optimizer state) and
+    # forked from there.
+    assert run_cli("--total-timesteps", "256", "--ent-coef", "0.03", "--runs-dir", str(tmp_path / "parent"),
+                   *TINY_RUN).returncode == 0
+    parent_dir = only_run_dir(tmp_path / "parent")
+    parent = torch.load(os.path.join(parent_dir, "checkpoints", "step_0000000256.pt"), weights_only=True)
+    export = str(tmp_path / "relay.pt")
+    result = run_script("benchmark/mario_clear_rate.py", parent_dir, "--episodes", "1", "--target", "0", "--export",
+                        export, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "optimizer" not in torch.load(export, weights_only=True)
+
+    result = run_cli("--fork", export, "--learning-rate", "1e-12", "--total-timesteps", "512", "--runs-dir",
+                     str(tmp_path / "fork"))
+    assert result.returncode == 0, result.stderr
+    assert f"forking {export} at step 256 into" in result.stdout
+    forked = torch.load(os.path.join(only_run_dir(tmp_path / "fork"), "checkpoints", "step_0000000512.pt"),
+                        weights_only=True)
+    assert forked["args"]["ent_coef"] == 0.03 and forked["args"]["num_envs"] == 2  # the export's Args go on
+    for name, tensor in parent["model"].items():
+        torch.testing.assert_close(forked["model"][name], tensor, atol=1e-9, rtol=0)
+    # A fresh Adam: 2 iterations of 2 minibatches, not the parent's count and more.
+    assert forked["optimizer"]["state"][0]["step"] == 4 < parent["optimizer"]["state"][0]["step"] + 4
+
+
 def test_a_fork_that_cannot_go_on_is_one_clear_line(tmp_path):
     assert run_cli("--total-timesteps", "256", "--runs-dir", str(tmp_path / "parent"), *TINY_RUN).returncode == 0
     parent_dir = only_run_dir(tmp_path / "parent")
