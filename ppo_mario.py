@@ -425,7 +425,8 @@ class NoopStart(gym.Wrapper):
     """Starts each episode after a uniform 0..noop_max no-op steps. The emulator is deterministic: from one start
     state, a policy can learn by heart when each enemy arrives instead of watching for it. The count comes from the
     wrapper's own generator, seeded by reset(seed=...). It wraps the emulator below the episode statistics, progress
-    tracking and reward, so the no-ops are no part of the episode."""
+    tracking and reward, so the no-ops are no part of the episode. reset(options={"noops": k}) starts after exactly k
+    no-ops instead, to evaluate every start state in turn."""
 
     def __init__(self, env, noop_max: int):
         super().__init__(env)
@@ -433,10 +434,14 @@ class NoopStart(gym.Wrapper):
         self.rng = np.random.default_rng()
 
     def reset(self, *, seed=None, options=None):
-        obs, info = self.env.reset(seed=seed, options=options)
+        options = dict(options or {})
+        noops = options.pop("noops", None)
+        obs, info = self.env.reset(seed=seed, options=options or None)
         if seed is not None:
             self.rng = np.random.default_rng(seed)
-        for _ in range(self.rng.integers(0, self.noop_max + 1)):
+        if noops is None:
+            noops = self.rng.integers(0, self.noop_max + 1)
+        for _ in range(noops):
             obs, _, terminated, truncated, info = self.env.step(0)  # action 0 is NOOP in every joypad set
             if terminated or truncated:
                 obs, info = self.env.reset()
@@ -1280,11 +1285,12 @@ def write_video(frames, path: str, fps: int = 15):
 
 
 def play_episode(agent: Agent, env, device, seed: int | None, generator: torch.Generator | None = None,
-                 labels: list[str] | None = None) -> tuple[dict, list[np.ndarray]]:
-    """One whole episode from env.reset(seed=seed) (for Atari, a whole game: play goes on after a lost life), greedy,
-    or sampled with `generator`. Returns the last info and, given action labels, one video frame per action: the
-    screen the action was chosen on (the reset screen first) with that choice's probabilities drawn above it."""
-    obs, _ = env.reset(seed=seed)
+                 labels: list[str] | None = None, options: dict | None = None) -> tuple[dict, list[np.ndarray]]:
+    """One whole episode from env.reset(seed=seed, options=options) (for Atari, a whole game: play goes on after a
+    lost life), greedy, or sampled with `generator`. Returns the last info and, given action labels, one video frame
+    per action: the screen the action was chosen on (the reset screen first) with that choice's probabilities drawn
+    above it."""
+    obs, _ = env.reset(seed=seed, options=options)
     frames = []
     while True:
         with torch.no_grad():

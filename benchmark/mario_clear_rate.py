@@ -3,13 +3,16 @@
 Each checkpoint (every checkpoint of a run directory, or the .pt files given) plays N greedy episodes with
 ppo_mario.py's own evaluation code, each after 0 to --noop-max random no-op steps so that episodes differ (--sample
 draws actions from the policy instead, as in training: the policy's own clear rate, not its argmax's; --noop-max 0
-starts every episode from the reset state, as training does by default, where greedy episodes are all the same). Prints
+starts every episode from the reset state, as training does by default, where greedy episodes are all the same).
+The emulator is deterministic, so a greedy episode depends only on its no-op count: --all-starts plays one episode
+from each count 0..--noop-max instead, the exact greedy clear rate over every start the random draws can give. Prints
 a table (step, clear rate, mean x_pos) and the first step whose clear rate reaches --target; for a run directory also
-writes clear_rate.csv and clear_rate.png beside its checkpoints (clear_rate_sampled.* with --sample, *_noopN.* with
-another --noop-max). --export writes the newest checkpoint that reached the target as a model file for evaluation only
+writes clear_rate.csv and clear_rate.png beside its checkpoints (clear_rate_sampled.* with --sample,
+clear_rate_all_starts.* with --all-starts, *_noopN.* with another --noop-max). --export writes the newest checkpoint that reached the target as a model file for evaluation only
 (the weights and what evaluation needs; no optimizer, no RNG states).
 
     python benchmark/mario_clear_rate.py models/SuperMarioBros-1-1-v0.pt --episodes 30     # the shipped model
+    python benchmark/mario_clear_rate.py models/SuperMarioBros-1-1-v0.pt --all-starts      # each of the 31 starts
     python benchmark/mario_clear_rate.py runs/<run> --episodes 10 --target 0.9 --export models/SuperMarioBros-1-1-v0.pt
 """
 
@@ -18,6 +21,7 @@ import csv
 import glob
 import os
 import sys
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -37,7 +41,27 @@ def clear_rate(path: str, episodes: int, seed: int, sample: bool = False, noop_m
     args = ppo_mario.Args(seed=seed, eval_sample=sample, eval_noop_max=noop_max)
     agent, checkpoint = ppo_mario.load_for_evaluation(path, args, "cpu")
     results = ppo_mario.evaluate(agent, args, "cpu", episodes)
-    return {"path": path, "step": checkpoint["global_step"], "episodes": episodes,
+    return summary(path, checkpoint, results)
+
+
+def clear_rate_all_starts(path: str, noop_max: int) -> dict:
+    """One greedy episode after each no-op count 0..noop_max; the row names the counts whose episode failed."""
+    args = ppo_mario.Args(eval_noop_max=noop_max)
+    agent, checkpoint = ppo_mario.load_for_evaluation(path, args, "cpu")
+    env = ppo_mario.make_env(replace(args, noop_max=noop_max))()
+    results = []
+    for noops in range(noop_max + 1):
+        info, _ = ppo_mario.play_episode(agent, env, "cpu", args.seed, options={"noops": noops})
+        results.append({"return": float(info["episode"]["r"]), "x_pos": float(info.get("x_pos", np.nan)),
+                        "flag_get": bool(info.get("flag_get", False)), "noops": noops})
+    env.close()
+    row = summary(path, checkpoint, results)
+    row["failed_noops"] = " ".join(str(r["noops"]) for r in results if not r["flag_get"])
+    return row
+
+
+def summary(path: str, checkpoint: dict, results: list[dict]) -> dict:
+    return {"path": path, "step": checkpoint["global_step"], "episodes": len(results),
             "clear_rate": float(np.mean([r["flag_get"] for r in results])),
             "mean_x_pos": float(np.mean([r["x_pos"] for r in results])),
             "mean_return": float(np.mean([r["return"] for r in results]))}
@@ -78,10 +102,14 @@ def main():
     parser.add_argument("--sample", action="store_true", help="sample actions from the policy instead of greedy")
     parser.add_argument("--noop-max", type=int, default=NOOP_MAX,
                         help="random no-op steps before each episode, 0 to this (0: from the reset state)")
+    parser.add_argument("--all-starts", action="store_true",
+                        help="greedy, one episode after each no-op count 0..--noop-max (replaces --episodes)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.noop_max < 0:
         sys.exit(f"error: --noop-max must be 0 or more, got {args.noop_max}")
+    if args.all_starts and args.sample:
+        sys.exit("error: --all-starts plays greedy episodes; drop --sample or --all-starts")
 
     checkpoints, run_dir = [], None
     for path in args.paths:
@@ -98,19 +126,27 @@ def main():
 
     mode = "sampled" if args.sample else "greedy"
     start = f"after 0-{args.noop_max} no-ops" if args.noop_max else "from the reset state"
-    print(f"| checkpoint | step | {mode} episodes {start} | cleared | mean x_pos | mean return |")
-    print("|-|-|-|-|-|-|")
+    if args.all_starts:
+        start = f"one after each of 0-{args.noop_max} no-ops"
+    print(f"| checkpoint | step | {mode} episodes {start} | cleared | mean x_pos | mean return |"
+          + " failed after (no-ops) |" * args.all_starts)
+    print("|-|-|-|-|-|-|" + "-|" * args.all_starts)
     rows = []
     for path in checkpoints:
-        row = clear_rate(path, args.episodes, args.seed, args.sample, args.noop_max)
+        if args.all_starts:
+            row = clear_rate_all_starts(path, args.noop_max)
+        else:
+            row = clear_rate(path, args.episodes, args.seed, args.sample, args.noop_max)
         rows.append(row)
         print(f"| {os.path.basename(path)} | {row['step']:,} | {row['episodes']} | {row['clear_rate']:.0%} | "
-              f"{row['mean_x_pos']:.0f} | {row['mean_return']:.1f} |", flush=True)
+              f"{row['mean_x_pos']:.0f} | {row['mean_return']:.1f} |"
+              + f" {row.get('failed_noops') or 'none'} |" * args.all_starts, flush=True)
 
     reached = [row for row in rows if row["clear_rate"] >= args.target]
     print(f"first checkpoint clearing >= {args.target:.0%}: " + (f"step {reached[0]['step']:,}" if reached else "none"))
     if run_dir is not None:
-        name = "clear_rate" + "_sampled" * args.sample + (f"_noop{args.noop_max}" if args.noop_max != NOOP_MAX else "")
+        name = ("clear_rate" + "_sampled" * args.sample + "_all_starts" * args.all_starts
+                + (f"_noop{args.noop_max}" if args.noop_max != NOOP_MAX else ""))
         with open(os.path.join(run_dir, f"{name}.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()

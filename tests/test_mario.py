@@ -197,6 +197,24 @@ def test_noop_starts_change_when_the_goombas_arrive_and_repeat_under_a_seed():
     env.close()
 
 
+def test_a_noop_start_can_be_fixed_for_one_episode():
+    # reset(options={"noops": k}) is the start after k no-ops, whatever the wrapper's generator would draw: the same
+    # screen as the reset state stepped k times with NOOP. 1-2's Goombas move meanwhile, so the screens differ by k.
+    plain = make_env(Args(env_id="SuperMarioBros-1-2-v0"))()
+    env = make_env(Args(env_id="SuperMarioBros-1-2-v0", noop_max=30))()
+    screens = []
+    for noops in (0, 9, 30):
+        obs, _ = env.reset(seed=0, options={"noops": noops})
+        expected, _ = plain.reset(seed=0)
+        for _ in range(noops):
+            expected, *_ = plain.step(0)
+        np.testing.assert_array_equal(obs[-1], expected[-1])
+        screens.append(obs[-1])
+    assert not np.array_equal(screens[0], screens[1]) and not np.array_equal(screens[1], screens[2])
+    plain.close()
+    env.close()
+
+
 def test_noop_starts_are_no_part_of_the_episode():
     # Seed 0 draws 26 no-ops; counted as episode steps, a stuck time-out of 5 would truncate inside reset().
     args = Args(env_id=STAGE, noop_max=30, stuck_timeout=5, flag_bonus=0, death_penalty=0, score_coef=0, reward_scale=1)

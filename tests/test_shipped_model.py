@@ -59,6 +59,24 @@ def test_clear_rate_benchmark_tables_a_run_directory(tmp_path, sample, noop_max,
         assert float(row["mean_return"]) == float(expected_return)
 
 
+def test_clear_rate_benchmark_plays_each_start_once(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(os.path.join(ROOT, MODEL), tmp_path / "checkpoints" / "step_0001146880.pt")
+    result = run_script("benchmark/mario_clear_rate.py", str(tmp_path), "--all-starts", "--noop-max", "2")
+    assert result.returncode == 0, result.stderr
+    assert "one after each of 0-2 no-ops" in result.stdout
+    assert "| step_0001146880.pt | 1,146,880 | 3 | 100% |" in result.stdout and result.stdout.count("| none |") == 1
+    with open(tmp_path / "clear_rate_all_starts_noop2.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert (row["episodes"], row["failed_noops"]) == ("3", "")
+
+
+def test_clear_rate_benchmark_refuses_all_starts_with_sampling():
+    result = run_script("benchmark/mario_clear_rate.py", MODEL, "--all-starts", "--sample")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--all-starts plays greedy episodes" in result.stderr
+
+
 def test_clear_rate_benchmark_refuses_negative_noop_max():
     result = run_script("benchmark/mario_clear_rate.py", MODEL, "--noop-max", "-1")
     assert result.returncode != 0 and "Traceback" not in result.stderr
