@@ -1305,19 +1305,22 @@ def play_episode(agent: Agent, env, device, seed: int | None, generator: torch.G
             obs, _ = env.reset()
 
 
-def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | None = None) -> list[dict]:
+def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | None = None,
+             noop_counts: list[int] | None = None) -> list[dict]:
     """Play whole episodes, greedy unless args.eval_sample, each after a random number of no-op steps (up to
-    eval_noop_max) so that greedy episodes differ. Returns {"return", "length", "x_pos", "flag_get", "furthest_stage"}
-    per episode; the first episode goes to video_path with the action probabilities drawn above the frames."""
+    eval_noop_max) so that greedy episodes differ, or, given noop_counts, one episode after each of those counts
+    (episodes is then len(noop_counts)). Returns {"return", "length", "x_pos", "flag_get", "furthest_stage"} per
+    episode; the first episode goes to video_path with the action probabilities drawn above the frames."""
     env = make_env(replace(args, noop_max=args.eval_noop_max), render=video_path is not None)()
     labels = action_labels(args, env) if video_path else None
     # Sampled evaluation draws from its own generator: it repeats under the same --seed, whatever training did.
     generator = torch.Generator(device).manual_seed(args.seed) if args.eval_sample else None
+    starts = [None] * episodes if noop_counts is None else [{"noops": noops} for noops in noop_counts]
     results = []
-    for episode in range(episodes):
+    for episode, options in enumerate(starts):
         # The first reset's seed seeds the no-op starts of all the episodes.
         info, frames = play_episode(agent, env, device, args.seed if episode == 0 else None, generator,
-                                    labels if episode == 0 else None)
+                                    labels if episode == 0 else None, options)
         if frames:
             write_video(frames, video_path)
         results.append({"return": float(info["episode"]["r"]), "length": int(info["episode"]["l"]),

@@ -8,8 +8,9 @@ The emulator is deterministic, so a greedy episode depends only on its no-op cou
 from each count 0..--noop-max instead, the exact greedy clear rate over every start the random draws can give. Prints
 a table (step, clear rate, mean x_pos) and the first step whose clear rate reaches --target; for a run directory also
 writes clear_rate.csv and clear_rate.png beside its checkpoints (clear_rate_sampled.* with --sample,
-clear_rate_all_starts.* with --all-starts, *_noopN.* with another --noop-max). --export writes the newest checkpoint that reached the target as a model file for evaluation only
-(the weights and what evaluation needs; no optimizer, no RNG states).
+clear_rate_all_starts.* with --all-starts, *_noopN.* with another --noop-max). --export writes the newest checkpoint
+that reached the target as a model file for evaluation only (the weights and what evaluation needs; no optimizer, no
+RNG states).
 
     python benchmark/mario_clear_rate.py models/SuperMarioBros-1-1-v0.pt --episodes 30     # the shipped model
     python benchmark/mario_clear_rate.py models/SuperMarioBros-1-1-v0.pt --all-starts      # each of the 31 starts
@@ -21,7 +22,6 @@ import csv
 import glob
 import os
 import sys
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -35,36 +35,22 @@ MODEL_KEYS = ("model", "global_step", "args", "env_id", "action_set", "obs_shape
 NOOP_MAX = ppo_mario.Args.eval_noop_max
 
 
-def clear_rate(path: str, episodes: int, seed: int, sample: bool = False, noop_max: int = NOOP_MAX) -> dict:
+def clear_rate(path: str, episodes: int, seed: int, sample: bool = False, noop_max: int = NOOP_MAX,
+               all_starts: bool = False) -> dict:
     """Episodes of one checkpoint, as `ppo_mario.py --eval-checkpoint PATH --eval-episodes N --eval-noop-max M
-    [--eval-sample]` plays them."""
+    [--eval-sample]` plays them; with all_starts, one greedy episode after each no-op count 0..noop_max instead, and
+    the row names the counts whose episode failed."""
     args = ppo_mario.Args(seed=seed, eval_sample=sample, eval_noop_max=noop_max)
     agent, checkpoint = ppo_mario.load_for_evaluation(path, args, "cpu")
-    results = ppo_mario.evaluate(agent, args, "cpu", episodes)
-    return summary(path, checkpoint, results)
-
-
-def clear_rate_all_starts(path: str, noop_max: int) -> dict:
-    """One greedy episode after each no-op count 0..noop_max; the row names the counts whose episode failed."""
-    args = ppo_mario.Args(eval_noop_max=noop_max)
-    agent, checkpoint = ppo_mario.load_for_evaluation(path, args, "cpu")
-    env = ppo_mario.make_env(replace(args, noop_max=noop_max))()
-    results = []
-    for noops in range(noop_max + 1):
-        info, _ = ppo_mario.play_episode(agent, env, "cpu", args.seed, options={"noops": noops})
-        results.append({"return": float(info["episode"]["r"]), "x_pos": float(info.get("x_pos", np.nan)),
-                        "flag_get": bool(info.get("flag_get", False)), "noops": noops})
-    env.close()
-    row = summary(path, checkpoint, results)
-    row["failed_noops"] = " ".join(str(r["noops"]) for r in results if not r["flag_get"])
+    noop_counts = list(range(noop_max + 1)) if all_starts else None
+    results = ppo_mario.evaluate(agent, args, "cpu", episodes, noop_counts=noop_counts)
+    row = {"path": path, "step": checkpoint["global_step"], "episodes": len(results),
+           "clear_rate": float(np.mean([r["flag_get"] for r in results])),
+           "mean_x_pos": float(np.mean([r["x_pos"] for r in results])),
+           "mean_return": float(np.mean([r["return"] for r in results]))}
+    if all_starts:
+        row["failed_noops"] = " ".join(str(noops) for noops, r in zip(noop_counts, results) if not r["flag_get"])
     return row
-
-
-def summary(path: str, checkpoint: dict, results: list[dict]) -> dict:
-    return {"path": path, "step": checkpoint["global_step"], "episodes": len(results),
-            "clear_rate": float(np.mean([r["flag_get"] for r in results])),
-            "mean_x_pos": float(np.mean([r["x_pos"] for r in results])),
-            "mean_return": float(np.mean([r["return"] for r in results]))}
 
 
 def export_model(checkpoint_path: str, out: str):
@@ -125,18 +111,16 @@ def main():
             sys.exit(f"error: {path} is neither a run directory nor a checkpoint file")
 
     mode = "sampled" if args.sample else "greedy"
-    start = f"after 0-{args.noop_max} no-ops" if args.noop_max else "from the reset state"
     if args.all_starts:
         start = f"one after each of 0-{args.noop_max} no-ops"
+    else:
+        start = f"after 0-{args.noop_max} no-ops" if args.noop_max else "from the reset state"
     print(f"| checkpoint | step | {mode} episodes {start} | cleared | mean x_pos | mean return |"
           + " failed after (no-ops) |" * args.all_starts)
     print("|-|-|-|-|-|-|" + "-|" * args.all_starts)
     rows = []
     for path in checkpoints:
-        if args.all_starts:
-            row = clear_rate_all_starts(path, args.noop_max)
-        else:
-            row = clear_rate(path, args.episodes, args.seed, args.sample, args.noop_max)
+        row = clear_rate(path, args.episodes, args.seed, args.sample, args.noop_max, args.all_starts)
         rows.append(row)
         print(f"| {os.path.basename(path)} | {row['step']:,} | {row['episodes']} | {row['clear_rate']:.0%} | "
               f"{row['mean_x_pos']:.0f} | {row['mean_return']:.1f} |"

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import gymnasium as gym
 import numpy as np
@@ -411,6 +412,18 @@ def test_sampled_evaluation_samples_and_repeats_under_the_same_seed():
     torch.rand(100)  # training's random stream moving on must not change the evaluation
     assert play_evaluation(eval_sample=True) == sampled
     assert play_evaluation() != sampled
+
+
+def test_evaluation_can_play_one_episode_after_each_given_noop_count():
+    # The 1-1 model walks into 1-2's first Goomba, which moves during no-ops: the later the start, the sooner Mario
+    # dies. Seed 0 draws 26 no-ops for the first episode; noop_counts=[0, 26] must play the episode from the reset
+    # state, then that drawn one.
+    agent = shipped_agent()
+    args = Args(env_id="SuperMarioBros-1-2-v0", seed=0, eval_noop_max=30, stuck_timeout=20)
+    (drawn,) = evaluate(agent, args, "cpu", episodes=1)
+    (from_reset,) = evaluate(agent, replace(args, eval_noop_max=0), "cpu", episodes=1)
+    fixed = evaluate(agent, args, "cpu", episodes=2, noop_counts=[0, 26])
+    assert fixed == [from_reset, drawn] and from_reset["length"] > drawn["length"]
 
 
 def test_action_probabilities_are_drawn_above_the_frame():
