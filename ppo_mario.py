@@ -1002,8 +1002,9 @@ def load_training_checkpoint(path: str, world_size: int) -> dict:
     return checkpoint
 
 
-# Flags a resumed run takes from the command line; every other one comes from the checkpoint, so the run goes on as
-# it started (same batch, same learning-rate schedule, same total).
+# The flags a resumed run may change: they concern this process (where it runs, how often it saves and films), not
+# what it learns. Every other flag comes from the checkpoint, so the run goes on as it started (same batch, same
+# learning-rate schedule, same total).
 RESUME_FLAGS = ("resume", "cuda", "save_interval", "keep_checkpoints", "capture_video", "video_interval")
 
 
@@ -1014,15 +1015,11 @@ def saved_args(saved: dict) -> Args:
 
 
 def resumed_args(args: Args, saved: dict) -> Args:
+    """The Args a resumed run goes on with: the checkpoint's, but RESUME_FLAGS as `args` holds them. From the command
+    line, `args` holds the run's saved values for the flags not given (see cli_args)."""
     resumed = saved_args(saved)
-    defaults = Args(env_id=args.env_id)  # what the command line holds for a flag not given
-    for f in fields(Args):
-        given = getattr(args, f.name)
-        if f.name in RESUME_FLAGS:
-            setattr(resumed, f.name, given)
-        elif given != getattr(defaults, f.name) and given != getattr(resumed, f.name):
-            print(f"warning: --{f.name.replace('_', '-')} {given} ignored: the resumed run keeps {getattr(resumed, f.name)}",
-                  file=sys.stderr)
+    for name in RESUME_FLAGS:
+        setattr(resumed, name, getattr(args, name))
     return resumed
 
 
@@ -1394,15 +1391,22 @@ def main(args: Args):
     return train(args)
 
 
-def cli_args() -> Args:
-    """The command line. With --fork, a flag not given takes the forked run's value, not the default (those of
-    RESUME_FLAGS excepted: they concern this process, not the run)."""
-    args = tyro.cli(Args)
-    if args.fork and not args.resume and args.eval_checkpoint is None:
-        parent = saved_args(load_checkpoint(args.fork)["args"])
-        process_defaults = {name: getattr(Args(), name) for name in RESUME_FLAGS}
-        args = tyro.cli(Args, default=replace(parent, fork=None, **process_defaults))
-    return args
+def cli_args(argv: list[str] | None = None) -> Args:
+    """The command line. With --resume or --fork, a flag not given takes the checkpoint's value, not the default: a
+    resumed or forked run keeps its own save, device and video settings (a forgotten --keep-checkpoints must not prune
+    the checkpoints the run kept). Telling a given flag from one left out needs the command line itself, so it is
+    parsed again with the checkpoint's Args as the defaults."""
+    args = tyro.cli(Args, args=argv)
+    if args.eval_checkpoint is not None or bool(args.resume) == bool(args.fork):
+        return args  # neither, or both (main refuses that in one line)
+    saved = saved_args(load_checkpoint(args.resume or args.fork)["args"])
+    given = tyro.cli(Args, args=argv, default=replace(saved, resume=None, fork=None))
+    if args.resume:
+        for f in fields(Args):
+            if f.name not in RESUME_FLAGS + ("fork",) and getattr(given, f.name) != getattr(saved, f.name):
+                print(f"warning: --{f.name.replace('_', '-')} {getattr(given, f.name)} ignored: the resumed run keeps "
+                      f"{getattr(saved, f.name)}", file=sys.stderr)
+    return given
 
 
 if __name__ == "__main__":

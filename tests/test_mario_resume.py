@@ -150,3 +150,51 @@ def test_a_fork_that_cannot_go_on_is_one_clear_line(tmp_path):
         result = run_cli("--fork", parent_dir, "--runs-dir", str(tmp_path / "fork"), *cli_args)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def checkpoint_steps(run_dir):
+    return [int(name[5:15]) for name in sorted(os.listdir(os.path.join(run_dir, "checkpoints")))]
+
+
+def test_a_plain_resume_keeps_the_runs_save_settings_and_a_flag_given_wins(tmp_path):
+    # Saved every iteration, all kept: the way a run keeps checkpoints to pick the best one by evaluation.
+    assert run_cli("--total-timesteps", "768", "--save-interval", "1", "--keep-checkpoints", "100", "--runs-dir",
+                   str(tmp_path), *TINY_RUN).returncode == 0
+    run_dir = only_run_dir(tmp_path)
+    for step in (512, 640, 768):
+        os.remove(os.path.join(run_dir, "checkpoints", f"step_{step:010d}.pt"))
+
+    result = run_cli("--resume", run_dir)  # with the defaults, it would save only at the end and keep 3
+    assert result.returncode == 0, result.stderr
+    assert checkpoint_steps(run_dir) == [128 * i for i in range(1, 7)]
+    final = torch.load(os.path.join(run_dir, "checkpoints", "step_0000000768.pt"), weights_only=True)
+    assert final["args"]["save_interval"] == 1 and final["args"]["keep_checkpoints"] == 100
+
+    # Given explicitly, even at its default value, a flag wins and the later checkpoints record it.
+    os.remove(os.path.join(run_dir, "checkpoints", "step_0000000768.pt"))
+    result = run_cli("--resume", run_dir, "--keep-checkpoints", "3")
+    assert result.returncode == 0, result.stderr
+    assert checkpoint_steps(run_dir) == [512, 640, 768]
+    final = torch.load(os.path.join(run_dir, "checkpoints", "step_0000000768.pt"), weights_only=True)
+    assert final["args"]["save_interval"] == 1 and final["args"]["keep_checkpoints"] == 3
+
+
+def test_a_fork_keeps_its_parents_save_and_video_settings_unless_given(tmp_path):
+    assert run_cli("--total-timesteps", "256", "--save-interval", "1", "--keep-checkpoints", "100",
+                   "--video-interval", "7", "--runs-dir", str(tmp_path / "parent"), *TINY_RUN).returncode == 0
+    parent_dir = only_run_dir(tmp_path / "parent")
+
+    result = run_cli("--fork", parent_dir, "--total-timesteps", "768", "--runs-dir", str(tmp_path / "fork"))
+    assert result.returncode == 0, result.stderr
+    fork_dir = only_run_dir(tmp_path / "fork")
+    assert checkpoint_steps(fork_dir) == [384, 512, 640, 768]
+    final = torch.load(os.path.join(fork_dir, "checkpoints", "step_0000000768.pt"), weights_only=True)
+    assert final["args"]["video_interval"] == 7 and final["args"]["keep_checkpoints"] == 100
+
+    result = run_cli("--fork", parent_dir, "--total-timesteps", "768", "--keep-checkpoints", "3", "--save-interval",
+                     "2", "--runs-dir", str(tmp_path / "fork2"))
+    assert result.returncode == 0, result.stderr
+    fork_dir = only_run_dir(tmp_path / "fork2")
+    assert checkpoint_steps(fork_dir) == [512, 768]  # iterations 4 and 6 (and the last)
+    final = torch.load(os.path.join(fork_dir, "checkpoints", "step_0000000768.pt"), weights_only=True)
+    assert final["args"]["save_interval"] == 2 and final["args"]["keep_checkpoints"] == 3
