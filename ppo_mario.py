@@ -1399,7 +1399,11 @@ def cli_args(argv: list[str] | None = None) -> Args:
     args = tyro.cli(Args, args=argv)
     if args.eval_checkpoint is not None or bool(args.resume) == bool(args.fork):
         return args  # neither, or both (main refuses that in one line)
-    saved = saved_args(load_checkpoint(args.resume or args.fork)["args"])
+    if args.resume:  # refused here, before any warning, if it cannot be resumed
+        checkpoint = load_training_checkpoint(newest_checkpoint(args.resume), int(os.environ.get("WORLD_SIZE", "1")))
+    else:
+        checkpoint = load_checkpoint(args.fork)
+    saved = saved_args(checkpoint["args"])
     given = tyro.cli(Args, args=argv, default=replace(saved, resume=None, fork=None))
     if args.resume:
         for f in fields(Args):

@@ -26,11 +26,10 @@ from tbcurves import first_crossing, load_curve  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
     "ours": [],
-    # CleanRL ppo.py's defaults (cleanrl/ppo.py, v1.x), with its default torch thread count.
+    # CleanRL ppo.py's hyperparameters (cleanrl/ppo.py, v1.x).
     "cleanrl-defaults": [
         "--total-timesteps", "500000", "--learning-rate", "2.5e-4", "--num-envs", "4", "--num-steps", "128",
-        "--num-minibatches", "4", "--update-epochs", "4", "--ent-coef", "0.01", "--torch-threads",
-        str(os.cpu_count()), "--log-interval", "1000",
+        "--num-minibatches", "4", "--update-epochs", "4", "--ent-coef", "0.01",
     ],
 }
 

@@ -1,5 +1,5 @@
-"""Training throughput with 1 process vs N torchrun ranks, the same total number of environments split over the ranks,
-for both scripts; SPS (all ranks' steps per second) from each run's last TensorBoard point.
+"""Mario training throughput with 1 process vs N torchrun ranks, the same total number of environments split over the
+ranks; SPS (all ranks' steps per second) from each run's last TensorBoard point.
 
     python benchmark/torchrun_throughput.py                      # CPU, gloo, 2 ranks (~3 min on 2 cores)
     python benchmark/torchrun_throughput.py --ranks 4 --cuda     # on a machine with 4 GPUs (NCCL)
@@ -18,7 +18,6 @@ from tbcurves import load_curve  # noqa: E402
 
 WORKLOADS = {
     # script, total envs, per-run flags (the per-rank batch shrinks with the envs; steps per env stay the same)
-    "cartpole": ("ppo_cartpole.py", 8, ["--total-timesteps", "60000"]),
     "mario": ("ppo_mario.py", 4, ["--num-steps", "128", "--num-minibatches", "4", "--total-timesteps", "3072"]),
 }
 

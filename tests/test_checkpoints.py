@@ -1,4 +1,4 @@
-"""Checkpoints of both scripts: what a resume restores (RNG streams, weights, optimizer state), what it refuses, and
+"""Mario checkpoints: what a resume restores (RNG streams, weights, optimizer state), what it refuses, and
 that an error once the environments run closes them. Real runs through the real CLI."""
 
 import os
@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import ppo_cartpole
 import ppo_mario
 from tests.helpers import ROOT, only_run_dir, run_script, start_script
 
-SCRIPTS = [pytest.param(ppo_cartpole, id="cartpole"), pytest.param(ppo_mario, id="mario")]
-# A few iterations of each: CartPole's batch is 256 (its defaults), Mario's 128 (2 Async envs x 64 steps).
-TINY = {ppo_cartpole: ["--async-envs", "--num-envs", "2", "--num-steps", "128"],
-        ppo_mario: ["--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2", "--update-epochs", "1"]}
+SCRIPTS = [pytest.param(ppo_mario, id="mario")]
+# A few iterations, each a batch of 128 (2 Async envs x 64 steps).
+TINY = {ppo_mario: ["--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2", "--update-epochs", "1"]}
 
 
 def script_file(script):
@@ -68,7 +66,7 @@ def test_rng_states_load_to_the_cpu_and_go_on_as_in_the_uninterrupted_process(sc
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resume_restores_the_weights_and_the_optimizer_state(script, tmp_path):
-    run_dir = tiny_run(script, tmp_path, "--total-timesteps", "2048" if script is ppo_cartpole else "512",
+    run_dir = tiny_run(script, tmp_path, "--total-timesteps", "512",
                        "--save-interval", "2", "--keep-checkpoints", "10")
     first, *_, last = checkpoint_files(run_dir)
     straight_last = torch.load(os.path.join(run_dir, "checkpoints", last), weights_only=True)

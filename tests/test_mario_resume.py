@@ -5,6 +5,7 @@ import shutil
 import signal
 
 import numpy as np
+import pytest
 import torch
 
 from tests.helpers import children_of, only_run_dir, run_script, scalars, start_script
@@ -40,14 +41,16 @@ def test_resume_goes_on_with_continuous_curves(tmp_path):
     assert final["iteration"] == 6 and final["action_set"] == "right_only" and final["num_actions"] == 5
 
 
-def test_sigterm_to_the_group_checkpoints_and_leaves_no_emulator_behind(tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_the_group_checkpoints_and_leaves_no_emulator_behind(tmp_path, sig, code):
     process = start_cli("--total-timesteps", "1000000", "--runs-dir", str(tmp_path), *TINY_RUN)
     assert process.stdout.readline().startswith("iter 1/")
     workers = children_of(process.pid)
     assert len(workers) == 2
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, sig)  # to the whole group, like Ctrl-C in a terminal
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 143, err
+    assert process.returncode == code, err
+    assert f"{signal.Signals(sig).name}: stopping after the current step and writing a checkpoint" in err
     assert "Traceback" not in err
     assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
     run_dir = only_run_dir(tmp_path)
@@ -153,7 +156,8 @@ def test_a_fork_that_cannot_go_on_is_one_clear_line(tmp_path):
 
 
 def checkpoint_steps(run_dir):
-    return [int(name[5:15]) for name in sorted(os.listdir(os.path.join(run_dir, "checkpoints")))]
+    """The steps of the run's checkpoints (a kill -9 may leave a half-written step_*.pt.tmp, never a step_*.pt)."""
+    return [int(name[5:15]) for name in sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) if name.endswith(".pt")]
 
 
 def test_a_plain_resume_keeps_the_runs_save_settings_and_a_flag_given_wins(tmp_path):
@@ -198,3 +202,74 @@ def test_a_fork_keeps_its_parents_save_and_video_settings_unless_given(tmp_path)
     assert checkpoint_steps(fork_dir) == [512, 768]  # iterations 4 and 6 (and the last)
     final = torch.load(os.path.join(fork_dir, "checkpoints", "step_0000000768.pt"), weights_only=True)
     assert final["args"]["save_interval"] == 2 and final["args"]["keep_checkpoints"] == 3
+
+
+def test_checkpoints_hold_the_whole_state_and_only_the_newest_are_kept(tmp_path):
+    assert run_cli("--total-timesteps", "640", "--save-interval", "2", "--keep-checkpoints", "2", "--runs-dir",
+                   str(tmp_path), *TINY_RUN).returncode == 0
+    run_dir = only_run_dir(tmp_path)
+    assert checkpoint_steps(run_dir) == [512, 640]  # iterations 4 and 5 (the last); 256 pruned
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoints", "step_0000000640.pt"), weights_only=True)
+    assert checkpoint["global_step"] == 640 and checkpoint["iteration"] == 5 and checkpoint["world_size"] == 1
+    assert checkpoint["env_id"] == "SuperMarioBros-1-1-v0" and checkpoint["obs_shape"] == [4, 84, 84]
+    assert checkpoint["num_actions"] == 5 and checkpoint["action_set"] == "right_only"
+    assert {"model", "optimizer", "rng", "args"} <= set(checkpoint)
+    assert {"python", "numpy", "torch", "cuda"} == set(checkpoint["rng"])
+    assert checkpoint["args"]["total_timesteps"] == 640
+
+
+def test_kill_9_loses_at_most_one_save_interval_and_the_run_goes_on_from_there(tmp_path):
+    process = start_cli("--total-timesteps", "1000000", "--save-interval", "2", "--runs-dir", str(tmp_path), *TINY_RUN)
+    lines = [process.stdout.readline() for _ in range(8)]
+    process.kill()
+    process.wait(timeout=30)
+    last_iteration = max(int(line.split()[1].split("/")[0]) for line in lines if line.startswith("iter"))
+    run_dir = only_run_dir(tmp_path)
+    newest = torch.load(os.path.join(run_dir, "checkpoints", f"step_{checkpoint_steps(run_dir)[-1]:010d}.pt"),
+                        weights_only=True)
+    assert last_iteration - newest["iteration"] <= 2  # iteration 6 may be printed but not yet saved
+    # The run goes on from there; flags that would change it are ignored, with a warning.
+    process = start_cli("--resume", run_dir, "--total-timesteps", "1")
+    assert process.stdout.readline().startswith(f"resuming {run_dir} at iteration {newest['iteration']}")
+    assert process.stdout.readline().startswith(f"iter {newest['iteration'] + 1}/")
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "warning: --total-timesteps 1 ignored: the resumed run keeps 1000000" in err
+
+
+def test_non_finite_gradients_stop_cleanly_and_keep_the_last_good_checkpoint(tmp_path):
+    assert run_cli("--total-timesteps", "256", "--runs-dir", str(tmp_path), *TINY_RUN).returncode == 0
+    run_dir = only_run_dir(tmp_path)
+    good = os.path.join(run_dir, "checkpoints", "step_0000000256.pt")
+    before = torch.load(good, weights_only=True)
+    # Resumed with an absurd learning rate written into the run's Args, the first update blows up.
+    checkpoint = torch.load(good, weights_only=True)
+    checkpoint["args"]["learning_rate"] = 1e30
+    checkpoint["args"]["total_timesteps"] = 1024
+    torch.save(checkpoint, good)
+    result = run_cli("--resume", run_dir)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: non-finite" in result.stderr and f"the last good checkpoint is {good}" in result.stderr
+    assert checkpoint_steps(run_dir) == [256]
+    after = torch.load(good, weights_only=True)
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+    # A truncated checkpoint is refused in one line, whether resumed or played.
+    with open(good, "rb") as f:
+        head = f.read(1000)
+    with open(good, "wb") as f:
+        f.write(head)
+    for flag in ("--resume", "--eval-checkpoint"):
+        result = run_cli(flag, good)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert "the file is truncated or not a checkpoint" in result.stderr
+
+
+def test_bad_paths_get_one_clear_line():
+    for cli_args, message in [(["--runs-dir", "/proc/no-such-dir"], "cannot write the run directory /proc/no-such-dir/"),
+                              (["--resume", "/nonexistent-run"], "no checkpoint at /nonexistent-run")]:
+        result = run_cli(*cli_args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
