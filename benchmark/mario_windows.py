@@ -10,9 +10,14 @@ its `mario/episode_flag_get`; runs from before that tag existed give the flag's 
     python benchmark/mario_windows.py runs/<run> --window 50000
     python benchmark/mario_windows.py runs/<run> --past 783    # 1-3's first wall
     python benchmark/mario_windows.py runs/<run> --ends 2500000 3000000    # where the last 500k steps' misses stopped
+    python benchmark/mario_windows.py benchmark/mario-2-3/<probe>/* --csv benchmark/mario-2-3/<probe>.csv
+
+--csv writes the rows of every run given to one file, a `run` column telling them apart, under one comment line per
+run with its first flag and last episode step: the summary kept in the tree of a run whose events are not.
 """
 
 import argparse
+import csv
 import os
 import sys
 
@@ -51,13 +56,31 @@ def episode_windows(run_dir: str, window: int, flag_x: int | None = None,
         in_window = (steps > start) & (steps <= end)
         if in_window.any():
             rows.append({"start": start, "end": end, "episodes": int(in_window.sum()),
+                         "flags": int(cleared[in_window].sum()), "flag_rate": float(cleared[in_window].mean()),
                          "mean_max_x_pos": float(max_x[in_window].mean()),
-                         "furthest_x_pos": float(max_x[in_window].max()),
-                         "flag_rate": float(cleared[in_window].mean())})
+                         "furthest_x_pos": float(max_x[in_window].max())})
             if past is not None:
                 rows[-1]["past"] = int((max_x[in_window] > past).sum())
     first_flag = int(steps[np.argmax(cleared)]) if cleared.any() else None
     return rows, first_flag
+
+
+def write_csv(path: str, runs: list[tuple[str, list[dict], int | None]]):
+    """Write each (run directory, rows, first flag) of `runs` to one CSV: a comment line per run with its first flag
+    and last episode step, then the rows of all runs with the run's name first."""
+    with open(path, "w", newline="") as file:
+        for run_dir, rows, first_flag in runs:
+            flag = f"first flag at step {first_flag}" if first_flag is not None else "no flag"
+            file.write(f"# {run_name(run_dir)}: {flag}, last episode at step {rows[-1]['end']}\n")
+        writer = csv.writer(file)
+        writer.writerow(["run"] + list(runs[0][1][0]))
+        for run_dir, rows, _ in runs:
+            for row in rows:
+                writer.writerow([run_name(run_dir)] + [round(value, 4) for value in row.values()])
+
+
+def run_name(run_dir: str) -> str:
+    return os.path.basename(os.path.normpath(run_dir))
 
 
 def where_misses_ended(run_dir: str, start: int, end: int, flag_x: int | None = None,
@@ -74,28 +97,38 @@ def where_misses_ended(run_dir: str, start: int, end: int, flag_x: int | None = 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dirs", nargs="+", metavar="run_dir", help="a run's directory (several: a table each)")
     parser.add_argument("--window", type=int, default=100_000, help="agent steps per row")
     parser.add_argument("--flag-x", type=int, help="x_pos of the flag, for runs without mario/episode_flag_get")
     parser.add_argument("--past", type=int, help="also count the episodes whose max x_pos went beyond this x_pos")
     parser.add_argument("--ends", type=int, nargs=2, metavar=("START", "END"),
                         help="also tell where the episodes ending in steps (START, END] without the flag stopped")
+    parser.add_argument("--csv", metavar="PATH", help="also write the rows of all runs given to this CSV file")
     args = parser.parse_args(argv)
 
-    rows, first_flag = episode_windows(args.run_dir, args.window, args.flag_x, args.past)
+    runs = []
     past = "" if args.past is None else f" past x {args.past} |"
-    print(f"| steps | episodes | mean max x_pos | furthest x_pos | flag rate |{past}")
-    print("|-|-|-|-|-|" + ("-|" if past else ""))
-    for row in rows:
-        print(f"| {row['start'] / 1000:g}k-{row['end'] / 1000:g}k | {row['episodes']} | {row['mean_max_x_pos']:.0f} | "
-              f"{row['furthest_x_pos']:.0f} | {row['flag_rate']:.0%} |" + (f" {row['past']} |" if past else ""))
-    print("first flag: " + (f"step {first_flag:,}" if first_flag is not None else "none yet"))
-    if args.ends:
-        start, end = args.ends
-        episodes, missed, heaps = where_misses_ended(args.run_dir, start, end, args.flag_x)
-        print(f"steps {start:,}-{end:,}: {episodes} episodes ended, {missed} without the flag; their max x_pos in bins "
-              "of 50 (bin: episodes), the largest heaps first: " + ", ".join(f"{x}: {n}" for x, n in heaps[:10]))
-    return rows, first_flag
+    for run_dir in args.run_dirs:
+        rows, first_flag = episode_windows(run_dir, args.window, args.flag_x, args.past)
+        runs.append((run_dir, rows, first_flag))
+        if len(args.run_dirs) > 1:
+            print(f"\n{run_name(run_dir)}:")
+        print(f"| steps | episodes | mean max x_pos | furthest x_pos | flag rate |{past}")
+        print("|-|-|-|-|-|" + ("-|" if past else ""))
+        for row in rows:
+            print(f"| {row['start'] / 1000:g}k-{row['end'] / 1000:g}k | {row['episodes']} | "
+                  f"{row['mean_max_x_pos']:.0f} | {row['furthest_x_pos']:.0f} | {row['flag_rate']:.0%} |"
+                  + (f" {row['past']} |" if past else ""))
+        print("first flag: " + (f"step {first_flag:,}" if first_flag is not None else "none yet"))
+        if args.ends:
+            start, end = args.ends
+            episodes, missed, heaps = where_misses_ended(run_dir, start, end, args.flag_x)
+            print(f"steps {start:,}-{end:,}: {episodes} episodes ended, {missed} without the flag; their max x_pos in "
+                  "bins of 50 (bin: episodes), the largest heaps first: "
+                  + ", ".join(f"{x}: {n}" for x, n in heaps[:10]))
+    if args.csv:
+        write_csv(args.csv, runs)
+    return runs
 
 
 if __name__ == "__main__":

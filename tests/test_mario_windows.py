@@ -1,5 +1,7 @@
 """benchmark/mario_windows.py on real TensorBoard event files with known episodes."""
 
+import csv
+
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
@@ -24,7 +26,7 @@ EPISODES = [(50, 400, 300, False), (100, 3161, 3161, True), (150, 1000, 900, Fal
 
 def test_rows_per_window_and_first_flag(tmp_path):
     write_episodes(tmp_path, EPISODES)
-    rows, first_flag = mario_windows.main([str(tmp_path), "--window", "100"])
+    [(_, rows, first_flag)] = mario_windows.main([str(tmp_path), "--window", "100"])
     assert [(r["start"], r["end"], r["episodes"]) for r in rows] == [(0, 100, 2), (100, 200, 1), (200, 260, 2)]
     assert [r["mean_max_x_pos"] for r in rows] == [pytest.approx(1780.5), 1000, pytest.approx(2580.5)]
     assert [r["furthest_x_pos"] for r in rows] == [3161, 1000, 3161]
@@ -34,7 +36,7 @@ def test_rows_per_window_and_first_flag(tmp_path):
 
 def test_episodes_past_a_wall_are_counted_per_window(tmp_path):
     write_episodes(tmp_path, EPISODES)
-    rows, _ = mario_windows.main([str(tmp_path), "--window", "100", "--past", "1000"])
+    [(_, rows, _)] = mario_windows.main([str(tmp_path), "--window", "100", "--past", "1000"])
     assert [r["past"] for r in rows] == [1, 0, 2]  # 1000 itself is not past it
 
 
@@ -43,7 +45,7 @@ def test_older_runs_need_the_flag_position(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         mario_windows.main([str(tmp_path)])
     assert "--flag-x" in str(exit_info.value)
-    rows, first_flag = mario_windows.main([str(tmp_path), "--window", "100", "--flag-x", "3161"])
+    [(_, rows, first_flag)] = mario_windows.main([str(tmp_path), "--window", "100", "--flag-x", "3161"])
     assert [r["flag_rate"] for r in rows] == [0.5, 0.0, 0.5] and first_flag == 100
 
 
@@ -52,7 +54,7 @@ def test_a_live_run_whose_file_ends_between_an_episodes_tags_is_read_up_to_it(tm
     writer = SummaryWriter(str(tmp_path))
     writer.add_scalar("mario/max_x_pos", 500, 300)  # the next episode's first tag, its flag not yet written
     writer.close()
-    rows, first_flag = mario_windows.main([str(tmp_path), "--window", "100"])
+    [(_, rows, first_flag)] = mario_windows.main([str(tmp_path), "--window", "100"])
     assert [r["episodes"] for r in rows] == [2, 1, 2] and first_flag == 100
 
 
@@ -65,3 +67,23 @@ def test_where_the_misses_of_a_span_ended(tmp_path, capsys):
     mario_windows.main([str(tmp_path), "--window", "100", "--ends", "0", "260"])
     assert "steps 0-260: 5 episodes ended, 3 without the flag" in capsys.readouterr().out
     assert mario_windows.where_misses_ended(str(tmp_path), 0, 300)[2][:2] == [(2000, 3), (1000, 2)]
+
+
+def test_the_csv_holds_each_runs_rows_and_first_flag(tmp_path):
+    first, resumed = tmp_path / "run-a", tmp_path / "run-b"
+    write_episodes(first, EPISODES)
+    write_episodes(resumed, [(1150, 900, 900, False), (1250, 3161, 3161, True)])
+    csv_path = tmp_path / "probe.csv"
+    runs = mario_windows.main([str(first), str(resumed), "--window", "100", "--csv", str(csv_path)])
+
+    lines = csv_path.read_text().splitlines()
+    assert lines[:2] == ["# run-a: first flag at step 100, last episode at step 260",
+                         "# run-b: first flag at step 1250, last episode at step 1250"]
+    table = list(csv.DictReader(lines[2:]))
+    assert [row["run"] for row in table] == ["run-a"] * 3 + ["run-b"] * 2
+    assert [(int(row["start"]), int(row["end"]), int(row["episodes"]), int(row["flags"])) for row in table] == [
+        (0, 100, 2, 1), (100, 200, 1, 0), (200, 260, 2, 1), (1100, 1200, 1, 0), (1200, 1250, 1, 1)]
+    expected = [row for _, rows, _ in runs for row in rows]
+    for column in ["flag_rate", "mean_max_x_pos", "furthest_x_pos"]:
+        assert [float(row[column]) for row in table] == [pytest.approx(row[column]) for row in expected]
+    assert float(table[0]["mean_max_x_pos"]) == pytest.approx(1780.5)
