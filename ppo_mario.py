@@ -1,8 +1,8 @@
 """PPO (clipped surrogate, GAE) with a CNN on Super Mario Bros, in one file.
 
-Read top to bottom in the order of the algorithm:
-  Args -> environments (emulator, joypad, gymnasium preprocessing, reward) -> agent -> rollout -> GAE -> PPO losses
-  -> training loop -> evaluation.
+Read top to bottom, the file follows the algorithm: Args -> make_env (the preprocessing, as a spec) -> Agent -> rollout
+-> GAE -> PPO losses -> update -> train() -> evaluation. Below the marked line is the support code: the Mario wrappers,
+the vector envs, run management (checkpoints, resume, fork, signals), torchrun, input checks and the command line.
 
     python ppo_mario.py --env-id SuperMarioBros-1-1-v0 --cuda
     python ppo_mario.py --eval-checkpoint runs/<run_name> --eval-episodes 10   # newest checkpoint of the run
@@ -15,6 +15,7 @@ gym-super-mario-bros comes in two lines: 7.4 (Python < 3.13, old gym API, adapte
 (Python >= 3.13, gymnasium-native). The installed one is picked at run time.
 """
 
+import argparse
 import contextlib
 import ctypes
 import difflib
@@ -32,7 +33,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Annotated, Literal
+from typing import Literal
 
 import cv2
 import gymnasium as gym
@@ -45,31 +46,82 @@ from gymnasium.vector import AutoresetMode
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 
-DEFAULT_ENV_ID = "SuperMarioBros-1-1-v0"
-
-# The hyperparameters whose default depends on the game. Mario's were tuned on World 1; ALE ids take CleanRL
-# ppo_atari's (the rest of its defaults equal ours: lr 2.5e-4 annealed, 8 envs, lambda 0.95, 4 epochs, value clipping,
-# entropy 0.01, vf 0.5, max grad norm 0.5), so their curves compare with its published ones. A flag given wins.
-PRESETS = {
-    "mario": {"total_timesteps": 2_000_000, "num_steps": 512, "gamma": 0.9, "num_minibatches": 16, "clip_coef": 0.2,
-              "noop_max": 0},
-    "atari": {"total_timesteps": 10_000_000, "num_steps": 128, "gamma": 0.99, "num_minibatches": 4, "clip_coef": 0.1,
-              "noop_max": 30},
-}
-
-
-def preset(name: str, metavar: str):
-    """What --help shows for a field whose default comes from PRESETS."""
-    return tyro.conf.arg(metavar=metavar, help_behavior_hint=(
-        f"(default: Mario {PRESETS['mario'][name]:_}, ALE {PRESETS['atari'][name]:_})"))
-
-
-def preset_family(env_id: str | None) -> str:
-    return "atari" if (env_id or DEFAULT_ENV_ID).startswith("ALE/") else "mario"
-
 
 @dataclass
 class Args:
+    # PPO
+    total_timesteps: int = 2_000_000
+    """total agent steps (each is 4 emulator frames) to train for, summed over torchrun ranks; the learning rate
+    anneals over it"""
+    learning_rate: float = 2.5e-4
+    """Adam learning rate at the start of training"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to zero over the run"""
+    num_envs: int = 8
+    """parallel environments per torchrun rank; the batch is num_envs * num_steps (to use more cores with the same
+    batch, raise num_envs and lower num_steps by the same factor)"""
+    num_steps: int = 512
+    """steps per environment per rollout"""
+    gamma: float = 0.9
+    """discount factor (a short horizon suits Mario's dense progress reward)"""
+    gae_lambda: float = 0.95
+    """lambda of generalised advantage estimation"""
+    num_minibatches: int = 16
+    """minibatches the batch is split into per epoch (256 samples each with the defaults)"""
+    update_epochs: int = 4
+    """passes over the batch per update"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch"""
+    clip_coef: float = 0.2
+    """epsilon of the clipped surrogate (and of value clipping)"""
+    clip_vloss: bool = True
+    """clip the value update to clip_coef around the old value estimate"""
+    ent_coef: float = 0.01
+    """weight of the entropy bonus (keeps the policy trying other actions)"""
+    vf_coef: float = 0.5
+    """weight of the value loss"""
+    max_grad_norm: float = 0.5
+    """clip the global gradient norm to this"""
+    target_kl: float | None = None
+    """stop the epochs of an update early when the approximate KL passes this"""
+
+    # Environment
+    env_id: str = "SuperMarioBros-1-1-v0"
+    """SuperMarioBros-<world>-<stage>-v<0..3>, the full game SuperMarioBros-v0, SuperMarioBrosRandomStages-v0,
+    SuperMarioBros2-..., or an ALE id such as ALE/Breakout-v5, which takes CleanRL ppo_atari's environment and its
+    defaults for total_timesteps, num_steps, gamma, num_minibatches, clip_coef and noop_max (`--env-id ALE/... --help`
+    shows them); in evaluation, the checkpoint's"""
+    action_set: Literal["right_only", "simple", "complex"] = "right_only"
+    """joypad button combinations the agent picks from: right_only (5, no step to the left), simple (7), complex (12);
+    in evaluation, the checkpoint's"""
+    noop_max: int = 0
+    """start each training episode after 0..noop_max random no-op steps (not counted in the episode), so that enemies
+    and platforms meet the agent at a different phase each time"""
+    stuck_timeout: int = 100
+    """truncate an episode after this many agent steps (~7 s of game time) without new rightward progress in the
+    current stage and life (0: off); a stuck Mario would otherwise spend the rest of the 400-second clock on one screen"""
+    # Reward shaping (7.4 package line): the env's reward is x progress, a time penalty and -15 on death. The flag
+    # bonus makes finishing the stage the dominant signal, the death penalty makes pits costly, the score term pays for
+    # stomping enemies, and the scale keeps value targets near 1 so the value loss does not swamp the policy loss. The
+    # 9.x reward already holds score, completion and death terms, so there only reward_scale applies.
+    flag_bonus: float = 50.0
+    """added at each stage's flag (or axe)"""
+    death_penalty: float = 50.0
+    """subtracted at each life lost"""
+    score_coef: float = 1 / 40
+    """times the in-game score gained in a step"""
+    reward_scale: float = 0.1
+    """multiplies the whole reward the agent learns from (episodic_return logs the env's own reward)"""
+    pay_skipped_ground: bool = True
+    """pay x reward for the new ground a pipe moves Mario to (the env pays x at most 5 pixels a frame, so a pipe to
+    further on pays nothing, and a dead end beside it would pay more)"""
+    height_coef: float = 0.0
+    """times the height Mario gains in a step (y_pos in pixels; a fall pays it back): summed over a life it is the
+    height he ends at above where he started, but it pays a jump up onto higher ground when it happens"""
+    sync_envs: bool = False
+    """step the environments in this process (SyncVectorEnv) instead of one process each (AsyncVectorEnv)"""
+
+    # Run management
     exp_name: str = "ppo_mario"
     """the name of this experiment; the first part of the run name"""
     seed: int = 1
@@ -85,7 +137,8 @@ class Args:
     keep_checkpoints: int = 3
     """how many of the newest checkpoints to keep"""
     resume: str | None = None
-    """continue a run: a checkpoint file, or a run directory to take its newest checkpoint (the run keeps its Args)"""
+    """continue a run: a checkpoint file, or a run directory to take its newest checkpoint; the run keeps its Args,
+    and its save, device and video settings unless given"""
     fork: str | None = None
     """start a new run from a checkpoint's weights, optimizer state and step count, with its Args but for the flags
     given: other settings from a point of a run without training to it again (a run directory: its newest)"""
@@ -93,80 +146,6 @@ class Args:
     """write a video of a greedy evaluation episode every video_interval iterations"""
     video_interval: int = 50
     """iterations between evaluation videos with --capture-video"""
-
-    # Environment
-    env_id: str | None = None
-    """SuperMarioBros-<world>-<stage>-v<0..3>, the full game SuperMarioBros-v0, SuperMarioBrosRandomStages-v0,
-    SuperMarioBros2-..., or an ALE id such as ALE/Breakout-v5, trained with CleanRL ppo_atari's environment settings
-    and defaults (default SuperMarioBros-1-1-v0; in evaluation, the checkpoint's)"""
-    # World 1 never needs a step to the left: the 5 right_only buttons leave less to explore than simple's 7.
-    action_set: Literal["right_only", "simple", "complex"] = "right_only"
-    """joypad button combinations the agent picks from (in evaluation the checkpoint's is used)"""
-    num_envs: int = 8
-    """parallel environments per torchrun rank; the defaults were tuned with 8 x num_steps per batch (more envs use
-    more cores, but change the batch)"""
-    sync_envs: bool = False
-    """step the environments in this process (SyncVectorEnv) instead of one process each (AsyncVectorEnv)"""
-    noop_max: Annotated[int | None, preset("noop_max", "INT")] = None
-    """start each training episode after 0..noop_max random no-op steps (not counted in the episode), so that enemies
-    and platforms meet the agent at a different phase each time"""
-    stuck_timeout: int = 100
-    """truncate an episode after this many agent steps (~7 s of game time) without new rightward progress in the
-    current stage and life (0: off); a stuck Mario would otherwise spend the rest of the 400-second clock on one screen"""
-    # Reward shaping on the 7.4 line, after uvipen/Super-mario-bros-PPO-pytorch, which clears 1-1 with it: the env's
-    # reward is x progress, a time penalty and -15 on death; the flag bonus makes finishing the stage the dominant
-    # signal, the death penalty makes pits costly, the score term pays for stomping enemies, and the scale keeps
-    # value targets near 1 so the value loss does not swamp the policy loss. The 9.x reward already holds score,
-    # completion and death terms (clipped to +-15), so there only reward_scale applies.
-    flag_bonus: float = 50.0
-    """added at each stage's flag (or axe) (7.4 line only)"""
-    death_penalty: float = 50.0
-    """subtracted at each life lost (7.4 line only)"""
-    score_coef: float = 1 / 40
-    """times the in-game score gained in a step (7.4 line only)"""
-    reward_scale: float = 0.1
-    """multiplies the whole reward the agent learns from (episodic_return logs the env's own reward)"""
-    pay_skipped_ground: bool = True
-    """pay x reward for the new ground a pipe moves Mario to: the env pays x at most 5 pixels a frame, so it pays nothing
-    for 1-2's exit pipe, and the dead end above 1-2's Warp Zone would pay more than the flag (7.4 line only)"""
-    height_coef: float = 0.0
-    """times the height Mario gains in a step (y_pos in pixels; a fall pays it back): summed over a life it is the
-    height he ends at above where he started, but it pays a jump up onto higher ground, as onto 1-3's tall treetops,
-    when it happens (7.4 line only)"""
-
-    # Algorithm
-    total_timesteps: Annotated[int | None, preset("total_timesteps", "INT")] = None
-    """total agent steps (each is 4 emulator frames) to train for, summed over torchrun ranks; the learning rate
-    anneals over it (the shipped 1-1 model is step 1.15M of a run with Mario's budget)"""
-    learning_rate: float = 2.5e-4
-    """Adam learning rate at the start of training"""
-    anneal_lr: bool = True
-    """decay the learning rate linearly to zero over the run"""
-    num_steps: Annotated[int | None, preset("num_steps", "INT")] = None
-    """steps per environment per rollout; the batch is num_envs * num_steps"""
-    gamma: Annotated[float | None, preset("gamma", "FLOAT")] = None
-    """discount factor (short horizons suit Mario's dense progress reward)"""
-    gae_lambda: float = 0.95
-    """lambda of generalised advantage estimation"""
-    num_minibatches: Annotated[int | None, preset("num_minibatches", "INT")] = None
-    """minibatches the batch is split into per epoch: 256 samples each with either default (CleanRL's Atari PPO and
-    uvipen's Mario PPO use 256)"""
-    update_epochs: int = 4
-    """passes over the batch per update"""
-    norm_adv: bool = True
-    """normalise advantages per minibatch"""
-    clip_coef: Annotated[float | None, preset("clip_coef", "FLOAT")] = None
-    """epsilon of the clipped surrogate (and of value clipping)"""
-    clip_vloss: bool = True
-    """clip the value update to clip_coef around the old value estimate"""
-    ent_coef: float = 0.01
-    """weight of the entropy bonus (keeps Mario trying jumps)"""
-    vf_coef: float = 0.5
-    """weight of the value loss"""
-    max_grad_norm: float = 0.5
-    """clip the global gradient norm to this"""
-    target_kl: float | None = None
-    """stop the epochs of an update early when the approximate KL passes this"""
 
     # Evaluation
     eval_checkpoint: str | None = None
@@ -176,61 +155,432 @@ class Args:
     eval_sample: bool = False
     """sample actions from the policy in evaluation instead of taking the most likely one"""
     eval_noop_max: int = 30
-    """start each evaluation episode with up to this many random no-op steps, so greedy episodes differ (ALE: 30)"""
+    """start each evaluation episode with up to this many random no-op steps, so greedy episodes differ"""
     video_path: str | None = None
     """in evaluation, write the first episode to this .mp4 or .gif (default: beside the checkpoint)"""
 
-    # Speed
-    channels_last: bool = True
-    """keep the CNN's weights and inputs in channels-last (NHWC) memory layout, which CPU convolutions run faster in
-    (benchmark/mario_throughput.py measures both)"""
-    keep_freed_memory: bool = True
-    """let the C library (glibc) keep freed memory for reuse instead of returning each large block to the OS, which
-    page-faults every minibatch's activations in afresh (a no-op elsewhere; measured by the same benchmark)"""
 
-    def __post_init__(self):
-        """Fill the game-dependent defaults left unset (None) from PRESETS, by the env id."""
-        for name, value in PRESETS[preset_family(self.env_id)].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+# CleanRL ppo_atari's hyperparameters where they differ from Mario's (its others equal Args'), so that ALE curves
+# compare with its published ones. An ALE/ id on the command line takes them as its defaults.
+ATARI_DEFAULTS = {"total_timesteps": 10_000_000, "num_steps": 128, "gamma": 0.99, "num_minibatches": 4,
+                  "clip_coef": 0.1, "noop_max": 30}
 
 
-def fail(message: str):
-    """Stop with one line that says what is wrong and how to fix it (no traceback)."""
-    sys.exit(f"error: {message}")
+def default_args(env_id: str) -> Args:
+    """The defaults for env_id: Args' own, with ATARI_DEFAULTS for an ALE/ id."""
+    return Args(env_id=env_id, **(ATARI_DEFAULTS if env_id.startswith("ALE/") else {}))
 
 
-def validate_args(args: Args):
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes",
-                 "save_interval", "video_interval", "keep_checkpoints"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("learning_rate", "clip_coef", "max_grad_norm", "reward_scale"):
-        if not getattr(args, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("stuck_timeout", "noop_max", "eval_noop_max"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
-    if not 0 < args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
-        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
-    if args.target_kl is not None and not args.target_kl > 0:
-        fail(f"--target-kl must be positive, got {args.target_kl}")
-    batch_size = args.num_envs * args.num_steps
-    if batch_size % args.num_minibatches:
-        fail(f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} "
-             f"(num_envs * num_steps); pick a divisor of {batch_size}")
-    if args.norm_adv and batch_size // args.num_minibatches < 2:
-        fail(f"--num-minibatches {args.num_minibatches} leaves 1 sample per minibatch of the batch of {batch_size}, and "
-             "advantage normalisation needs 2 or more; use fewer minibatches (or --no-norm-adv)")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun
-    if args.eval_checkpoint is None and args.total_timesteps < batch_size * world_size:
-        fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {batch_size * world_size} "
-             f"(num_envs * num_steps * ranks); raise it or shrink the batch")
+def make_env(args: Args, render: bool = False):
+    """A thunk for the vector env. Observations are uint8 stacks of 4 grayscale 84x84 frames, one agent step per 4
+    emulator frames; info["episode"] at an episode's end holds the env's own (unshaped) return and its length in
+    agent steps (for Atari: of the whole game, all lives)."""
+    def thunk():
+        if multiprocessing.parent_process() is not None:
+            # In an AsyncVectorEnv worker. Ctrl-C (and a service manager's SIGTERM) reach the whole process group, but
+            # stopping is the trainer's job: it saves a checkpoint, then closes the workers.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if args.env_id.startswith("ALE/"):
+            import ale_py
+            gym.register_envs(ale_py)
+            # CleanRL ppo_atari's environment (its NoFrameskip-v4 ids): no sticky actions, the minimal action set,
+            # no-op starts, skip 4 with max-pooling, 84x84 grayscale, a lost life ends the learner's episode, FIRE
+            # after a reset, the reward's sign, a stack of 4. The frame skip lives in the wrapper, not the env.
+            env = gym.make(args.env_id, frameskip=1, repeat_action_probability=0.0, full_action_space=False,
+                           render_mode="rgb_array" if render else None)
+            env = gym.wrappers.AtariPreprocessing(env, noop_max=args.noop_max, frame_skip=4, screen_size=84)
+            env = gym.wrappers.RecordEpisodeStatistics(env)
+            env = EpisodicLife(env)
+            if "FIRE" in env.unwrapped.get_action_meanings():
+                env = FireReset(env)
+            env = gym.wrappers.TransformReward(env, lambda r: float(np.sign(r)))
+            return gym.wrappers.FrameStackObservation(env, 4)
+        env = make_mario_base_env(args.env_id, args.action_set, render)
+        # Repeat each action 4 frames; the observation is the max of the last two (sprites flicker between frames).
+        # The max is written into a new array, so nes-py's reused screen buffer is never kept.
+        env = gym.wrappers.MaxAndSkipObservation(env, skip=FRAMES_PER_STEP)
+        if args.noop_max:
+            env = NoopStart(env, args.noop_max)
+        env = TrackProgress(env, args.stuck_timeout)
+        env = gym.wrappers.RecordEpisodeStatistics(env)
+        env = ShapeReward(env, args.flag_bonus, args.death_penalty, args.score_coef, args.reward_scale,
+                          add_terms=not is_gymnasium_native(), pay_skipped_ground=args.pay_skipped_ground,
+                          height_coef=args.height_coef)
+        # Gymnasium's GrayscaleObservation + ResizeObservation(84, 84), with the grayscale in OpenCV: numpy's took ~4 ms
+        # a step, a third of the time spent above the emulator.
+        env = GrayResize(env, 84)
+        return gym.wrappers.FrameStackObservation(env, 4)
+    return thunk
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Environments
-# ---------------------------------------------------------------------------------------------------------------------
+def layer_init(layer, std: float = np.sqrt(2), bias_const: float = 0.0):
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    def __init__(self, in_channels: int, num_actions: int, channels_last: bool = False):
+        super().__init__()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.trunk = nn.Sequential(
+            layer_init(nn.Conv2d(in_channels, 32, 8, stride=4)), nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+            layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
+            nn.Flatten(),
+            layer_init(nn.Linear(64 * 7 * 7, 512)), nn.ReLU(),
+        )
+        self.actor = layer_init(nn.Linear(512, num_actions), std=0.01)  # near-uniform initial policy
+        self.critic = layer_init(nn.Linear(512, 1), std=1.0)
+        self.to(memory_format=self.memory_format)
+
+    def features(self, obs):
+        # Observations stay uint8 everywhere else (4x less memory than float32); scaled here, on the device, after the
+        # layout change (done on the uint8 tensor: 4x fewer bytes to move).
+        return self.trunk(obs.contiguous(memory_format=self.memory_format).float().div_(255.0))
+
+    def get_value(self, obs):
+        return self.critic(self.features(obs)).squeeze(-1)
+
+    def get_action_and_value(self, obs, action=None):
+        hidden = self.features(obs)
+        dist = Categorical(logits=self.actor(hidden), validate_args=False)
+        if action is None:
+            action = dist.sample()
+        return action, dist.log_prob(action), dist.entropy(), self.critic(hidden).squeeze(-1)
+
+    def action_probs(self, obs):
+        return self.actor(self.features(obs)).softmax(-1)
+
+
+@dataclass
+class Rollout:
+    """Storage for one rollout, one row per step; every tensor is [num_steps, num_envs, ...]."""
+    obs: torch.Tensor  # uint8
+    actions: torch.Tensor
+    logprobs: torch.Tensor
+    rewards: torch.Tensor
+    terminations: torch.Tensor
+    truncations: torch.Tensor
+    values: torch.Tensor
+    final_values: torch.Tensor  # V(final observation) where an episode was truncated, else 0
+
+    @classmethod
+    def empty(cls, num_steps: int, num_envs: int, obs_shape: tuple, device):
+        shape = (num_steps, num_envs)
+        tensors = {f.name: torch.zeros(shape, device=device) for f in fields(cls) if f.name not in ("obs", "actions")}
+        # Frames are stored channels-last (the C of C x H x W innermost), the layout the CNN reads by default: a
+        # minibatch gathered from the flattened rollout is then laid out for the convolutions already.
+        channels, height, width = obs_shape
+        obs = torch.zeros(shape + (height, width, channels), dtype=torch.uint8, device=device).permute(0, 1, 4, 2, 3)
+        return cls(obs=obs, actions=torch.zeros(shape, dtype=torch.long, device=device), **tensors)
+
+
+EPISODE_KEYS = ("x_pos", "max_x_pos", "flag_get", "world", "stage", "furthest_stage")
+
+
+def collect_rollout(envs: "EnvGroups", agent, rollout: Rollout, next_obs, device, stop=None):
+    """Fill `rollout` by stepping `envs` from `next_obs`. Returns the observation to continue from and the finished
+    episodes as (step index, {"return", "length", and for Mario x_pos, max_x_pos, flag_get, world, stage,
+    furthest_stage}).
+    Returns early, with the rollout incomplete, once `stop` is requested.
+
+    Each pass acts for every group in turn and sends it stepping, after storing the outcome of that group's previous
+    step: while the policy acts for one group, the other group's environments are stepping."""
+    episodes = []
+    num_steps = rollout.obs.shape[0]
+    next_obs = next_obs.clone()  # updated group by group below; the caller's tensor stays as it was
+    for step in range(num_steps + 1):
+        stopping = step == num_steps or (stop is not None and stop.requested)
+        for g, group in enumerate(envs.slices):
+            if step > 0:
+                obs, reward, terminated, truncated, infos = envs.receive(g)
+                t = step - 1
+                rollout.rewards[t, group] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+                rollout.terminations[t, group] = torch.as_tensor(terminated, dtype=torch.float32, device=device)
+                rollout.truncations[t, group] = torch.as_tensor(truncated, dtype=torch.float32, device=device)
+                next_obs[group] = torch.as_tensor(obs, device=device)
+                rollout.final_values[t, group] = 0.0
+                if "final_obs" in infos:  # an episode ended; next_obs already holds the new episode's start
+                    bootstrap = np.flatnonzero(truncated & ~terminated)
+                    if len(bootstrap):
+                        final_obs = torch.as_tensor(np.stack(infos["final_obs"][bootstrap]), device=device)
+                        with torch.no_grad():
+                            rollout.final_values[t, group.start + bootstrap] = agent.get_value(final_obs)
+                    final_info = infos["final_info"]
+                    for i in np.flatnonzero(final_info.get("_episode", [])):  # Atari: none at a life lost
+                        episode = {"return": float(final_info["episode"]["r"][i]),
+                                   "length": int(final_info["episode"]["l"][i])}
+                        episode.update({key: float(final_info[key][i]) for key in EPISODE_KEYS if key in final_info})
+                        episodes.append((t, episode))
+            if not stopping:
+                rollout.obs[step, group] = next_obs[group]
+                with torch.no_grad():
+                    action, logprob, _, value = agent.get_action_and_value(next_obs[group])
+                rollout.actions[step, group], rollout.logprobs[step, group], rollout.values[step, group] = action, logprob, value
+                envs.send(g, action.cpu().numpy())
+        if stopping:
+            break
+    return next_obs, episodes
+
+
+def compute_gae(rewards, values, terminations, truncations, final_values, next_value, gamma, gae_lambda):
+    """Advantages and returns of a rollout. rewards, values, terminations, truncations and final_values are
+    [num_steps, num_envs]; final_values holds V(final observation) where an episode was truncated; next_value is
+    V(next_obs), the state after the last row.
+
+        V(s_{t+1}) = values[t+1] inside an episode, final_values[t] after a truncation, next_value after the last row
+        delta_t    = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)        (TD error)
+        A_t        = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}             (GAE, cut at every episode end)
+        R_t        = A_t + V(s_t)                                                   (lambda-return: the value target)
+
+    A truncated episode (the stuck time-out) keeps its bootstrap term instead of being scored like a death, and like
+    a terminated one it stops the sum, so no advantage reaches into the next episode.
+    """
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        next_values = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        next_values = torch.where(truncations[t].bool(), final_values[t], next_values)
+        done = torch.maximum(terminations[t], truncations[t])
+        delta = rewards[t] + gamma * (1.0 - terminations[t]) * next_values - values[t]
+        next_advantage = delta + gamma * gae_lambda * (1.0 - done) * next_advantage
+        advantages[t] = next_advantage
+    return advantages, advantages + values
+
+
+def policy_loss(new_logprob, old_logprob, advantages, clip_coef):
+    """Clipped surrogate, negated for gradient descent:
+
+        r_t(theta) = pi_theta(a_t|s_t) / pi_theta_old(a_t|s_t)
+        L^CLIP     = E[ min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) ]
+    """
+    ratio = (new_logprob - old_logprob).exp()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef) * advantages
+    return -torch.min(unclipped, clipped).mean()
+
+
+def value_loss(new_values, old_values, returns, clip_coef=None):
+    """0.5 * squared error to the lambda-return; with clip_coef, the pessimistic max of the plain and the clipped error,
+    where the clipped prediction moves at most clip_coef away from the value recorded in the rollout."""
+    unclipped = (new_values - returns) ** 2
+    if clip_coef is None:
+        return 0.5 * unclipped.mean()
+    clipped_values = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
+    clipped = (clipped_values - returns) ** 2
+    return 0.5 * torch.max(unclipped, clipped).mean()
+
+
+def normalize_advantages(advantages):
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
+def ppo_update(agent: Agent, optimizer, batch: dict, args: Args) -> dict:
+    """update_epochs passes of minibatch gradient descent on the PPO loss over one flattened rollout. Returns the last
+    minibatch's losses and the diagnostics CleanRL logs. Raises NonFiniteError instead of stepping on a bad gradient."""
+    batch_size = len(batch["actions"])
+    minibatch_size = batch_size // args.num_minibatches
+    clipfracs = []
+    for epoch in range(args.update_epochs):
+        permutation = torch.randperm(batch_size, device=batch["actions"].device)
+        for start in range(0, batch_size, minibatch_size):
+            mb = permutation[start:start + minibatch_size]
+            _, new_logprob, entropy, new_value = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb])
+            with torch.no_grad():
+                # Diagnostics: KL(old || new) estimators (http://joschu.net/blog/kl-approx.html) and clip rate.
+                logratio = new_logprob - batch["logprobs"][mb]
+                old_approx_kl = (-logratio).mean()
+                approx_kl = ((logratio.exp() - 1) - logratio).mean()
+                clipfracs.append(((logratio.exp() - 1.0).abs() > args.clip_coef).float().mean().item())
+
+            advantages = normalize_advantages(batch["advantages"][mb]) if args.norm_adv else batch["advantages"][mb]
+            pg_loss = policy_loss(new_logprob, batch["logprobs"][mb], advantages, args.clip_coef)
+            v_loss = value_loss(new_value, batch["values"][mb], batch["returns"][mb],
+                                args.clip_coef if args.clip_vloss else None)
+            entropy_loss = entropy.mean()
+            loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+
+            optimizer.zero_grad()
+            loss.backward()
+            average_gradients(agent)  # under torchrun: every rank takes the same step from the same weights
+            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteError(f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}")
+            optimizer.step()
+
+        if args.target_kl is not None and all_reduce_mean(approx_kl.clone()) > args.target_kl:  # decided jointly
+            break
+    return {"value_loss": v_loss.item(), "policy_loss": pg_loss.item(), "entropy": entropy_loss.item(),
+            "old_approx_kl": old_approx_kl.item(), "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs))}
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def train(args: Args) -> str:
+    """Train, or continue the run args.resume points at; returns the run directory. Under torchrun, rank 0 alone
+    writes TensorBoard (with every rank's episodes) and checkpoints."""
+    run = start_run(args)  # torchrun ranks, device, run directory, and the checkpoint to resume or fork from
+    args, device, is_main = run.args, run.device, run.rank == 0
+    batch_size = args.num_envs * args.num_steps * run.world_size  # the samples of one iteration, all ranks together
+    num_iterations = args.total_timesteps // batch_size
+    stop, writer, global_step = GracefulStop(), None, 0
+    envs = EnvGroups(args)
+    try:  # from the moment the environments exist: whatever raises below, `finally` closes them (no orphan worker)
+        obs_shape = envs.single_observation_space.shape
+        # Channels-last weights and inputs: the layout CPU convolutions run fastest in (benchmark/mario_throughput.py).
+        agent = Agent(obs_shape[0], envs.single_action_space.n, channels_last=True).to(device)
+        optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+        global_step, iteration = restore_training_state(run, agent, optimizer, envs, batch_size)
+        writer = open_writer(run, global_step) if is_main else None
+        rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, device)
+        recent = {"return": deque(maxlen=20), "x_pos": deque(maxlen=20), "flag_get": deque(maxlen=100)}
+        # On the CPU, acting uses one thread: the emulator workers need the other cores, and idle OpenMP threads would
+        # spin on them. The update gets them all.
+        update_threads = torch.get_num_threads()
+        rollout_threads = 1 if device.type == "cpu" else update_threads
+        start_time, start_iteration = time.time(), iteration
+        next_obs = torch.as_tensor(envs.reset(seed=args.seed + iteration + 10_000 * run.rank), device=device)
+        while iteration < num_iterations:
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - iteration / num_iterations)
+            rollout_start = time.time()
+            torch.set_num_threads(rollout_threads)
+            # Alone, a signal cuts the rollout short; under torchrun the ranks decide together after it.
+            next_obs, episodes = collect_rollout(envs, agent, rollout, next_obs, device,
+                                                 stop if run.world_size == 1 else None)
+            torch.set_num_threads(update_threads)
+            if stop.agreed(device):  # an incomplete rollout is dropped: the checkpoint ends the last iteration
+                break
+            rollout_sps = int(batch_size / (time.time() - rollout_start))
+            episodes = gather_to_main(episodes)
+            if is_main:
+                log_episodes(writer, episodes, global_step, args.num_envs, run.world_size, recent)
+
+            with torch.no_grad():
+                next_value = agent.get_value(next_obs)
+            advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.terminations, rollout.truncations,
+                                              rollout.final_values, next_value, args.gamma, args.gae_lambda)
+            # Flatten the rollout into one batch of num_steps * num_envs samples.
+            batch = {"obs": rollout.obs.reshape((-1,) + obs_shape), "actions": rollout.actions.reshape(-1),
+                     "logprobs": rollout.logprobs.reshape(-1), "values": rollout.values.reshape(-1),
+                     "advantages": advantages.reshape(-1), "returns": returns.reshape(-1)}
+            try:
+                stats = ppo_update(agent, optimizer, batch, args)
+            except NonFiniteError as e:
+                fail(f"non-finite {e} at iteration {iteration + 1}; stopped without saving; the last good checkpoint is "
+                     f"{run.checkpoint_path or 'none (none was written yet)'}; lower --learning-rate or --max-grad-norm")
+            iteration += 1
+            global_step += batch_size
+            if is_main:
+                y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
+                stats["explained_variance"] = np.nan if np.var(y_true) == 0 else 1 - np.var(y_true - y_pred) / np.var(y_true)
+                elapsed = time.time() - start_time
+                sps = int((iteration - start_iteration) * batch_size / elapsed)
+                writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+                for key, value in stats.items():
+                    writer.add_scalar(f"losses/{key}", value, global_step)
+                writer.add_scalar("charts/SPS", sps, global_step)
+                writer.add_scalar("charts/rollout_SPS", rollout_sps, global_step)
+                if recent["flag_get"]:
+                    writer.add_scalar("mario/flag_get", np.mean(recent["flag_get"]), global_step)
+                eta = elapsed / (iteration - start_iteration) * (num_iterations - iteration)
+                print(progress_line(iteration, num_iterations, global_step, sps, rollout_sps, recent, elapsed, eta),
+                      flush=True)
+                if iteration % args.save_interval == 0 or iteration == num_iterations:
+                    run.checkpoint_path = save_checkpoint(run.run_dir, agent, optimizer, args, global_step, iteration,
+                                                          envs)
+                    print(f"saved {run.checkpoint_path}", flush=True)
+            if stop.agreed(device):  # a signal arrived during the update
+                break
+            if is_main and args.capture_video and (iteration % args.video_interval == 0 or iteration == num_iterations):
+                evaluate(agent, args, device, episodes=1,
+                         video_path=os.path.join(run.run_dir, "videos", f"iteration_{iteration:05d}.mp4"))
+        finish_run(run, agent, optimizer, envs, stop, global_step, iteration)
+    except (EOFError, BrokenPipeError, ConnectionError) as e:
+        fail_on_dead_worker(envs, args, e, global_step, run.run_dir)
+    finally:
+        envs.close()
+        if writer:
+            writer.close()
+        stop.restore()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if stop.requested:
+        sys.exit(128 + stop.signum)
+    return run.run_dir
+
+
+def play_episode(agent: Agent, env, device, seed: int | None, generator: torch.Generator | None = None,
+                 labels: list[str] | None = None, options: dict | None = None) -> tuple[dict, list[np.ndarray]]:
+    """One whole episode from env.reset(seed=seed, options=options) (for Atari, a whole game: play goes on after a
+    lost life), greedy, or sampled with `generator`. Returns the last info and, given action labels, one video frame
+    per action: the screen the action was chosen on (the reset screen first) with that choice's probabilities drawn
+    above it."""
+    obs, _ = env.reset(seed=seed, options=options)
+    frames = []
+    while True:
+        with torch.no_grad():
+            probs = agent.action_probs(torch.as_tensor(obs, device=device).unsqueeze(0))[0]
+        action = int(torch.multinomial(probs, 1, generator=generator)) if generator is not None else int(probs.argmax())
+        if labels is not None:  # np.array copies: nes-py renders into one reused buffer
+            frames.append(draw_action_probs(np.array(env.render()), probs.cpu().numpy(), labels, action))
+        obs, _, terminated, truncated, info = env.step(action)
+        if "episode" in info:
+            return info, frames
+        if terminated or truncated:  # Atari: a life lost ended the learner's episode, not the game
+            obs, _ = env.reset()
+
+
+def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | None = None,
+             noop_counts: list[int] | None = None) -> list[dict]:
+    """Play whole episodes, greedy unless args.eval_sample, each after a random number of no-op steps (up to
+    eval_noop_max) so that greedy episodes differ, or, given noop_counts, one episode after each of those counts
+    (episodes is then len(noop_counts)). Returns {"return", "length", "x_pos", "flag_get", "furthest_stage"} per
+    episode; the first episode goes to video_path with the action probabilities drawn above the frames."""
+    env = make_env(replace(args, noop_max=args.eval_noop_max), render=video_path is not None)()
+    labels = action_labels(args, env) if video_path else None
+    # Sampled evaluation draws from its own generator: it repeats under the same --seed, whatever training did.
+    generator = torch.Generator(device).manual_seed(args.seed) if args.eval_sample else None
+    starts = [None] * episodes if noop_counts is None else [{"noops": noops} for noops in noop_counts]
+    results = []
+    for episode, options in enumerate(starts):
+        # The first reset's seed seeds the no-op starts of all the episodes.
+        info, frames = play_episode(agent, env, device, args.seed if episode == 0 else None, generator,
+                                    labels if episode == 0 else None, options)
+        if frames:
+            write_video(frames, video_path)
+        results.append({"return": float(info["episode"]["r"]), "length": int(info["episode"]["l"]),
+                        "x_pos": float(info.get("x_pos", np.nan)), "flag_get": bool(info.get("flag_get", False)),
+                        "furthest_stage": info.get("furthest_stage")})
+    env.close()
+    return results
+
+
+def run_evaluation(args: Args):
+    device = pick_device(args.cuda)
+    path = newest_checkpoint(args.eval_checkpoint)
+    agent, _ = load_for_evaluation(path, args, device, args.env_id)
+    video_path = args.video_path or os.path.splitext(path)[0] + "-eval.mp4"
+    results = evaluate(agent, args, device, args.eval_episodes, video_path)
+
+    returns = [r["return"] for r in results]
+    line = f"{args.env_id}: {len(results)} {'sampled' if args.eval_sample else 'greedy'} episodes, "
+    if results[0]["furthest_stage"] is not None:  # Mario
+        clears = sum(r["flag_get"] for r in results)
+        line += (f"cleared {clears}/{len(results)} ({clears / len(results):.0%}), furthest stage "
+                 f"{stage_name(max(r['furthest_stage'] for r in results))}, mean x_pos {np.mean([r['x_pos'] for r in results]):.0f}, ")
+    print(line + f"return {np.mean(returns):.1f} ± {np.std(returns):.1f}")
+    print(f"wrote {video_path}")
+    return results
+
+
+# ============================================= support code ===========================================================
+# Environments: the two package lines, the emulator, the Mario and Atari wrappers, the vector envs
+
 
 def smb_version() -> str:
     return importlib.metadata.version("gym-super-mario-bros")
@@ -416,6 +766,23 @@ class ShapeReward(gym.Wrapper):
         return obs, self.reward_scale * reward, terminated, truncated, info
 
 
+class GrayResize(gym.ObservationWrapper):
+    """An RGB frame to a size x size grayscale one, as Gymnasium's GrayscaleObservation (its luminance weights in
+    float64, truncated to uint8: the same picture) then ResizeObservation (area averaging), with the weighted sum in
+    OpenCV instead of numpy."""
+
+    WEIGHTS = np.array([[0.2125, 0.7154, 0.0721]])  # R, G, B
+
+    def __init__(self, env, size: int):
+        super().__init__(env)
+        self.size = size
+        self.observation_space = gym.spaces.Box(0, 255, (size, size), np.uint8)
+
+    def observation(self, frame):
+        gray = cv2.transform(frame.astype(np.float64), self.WEIGHTS).astype(np.uint8)
+        return cv2.resize(gray, (self.size, self.size), interpolation=cv2.INTER_AREA)
+
+
 def lives_left(life_counter: int) -> int:
     """The game's life counter: 2 at the start, 0 for the last life, 255 after it (game over)."""
     return -1 if life_counter == 255 else life_counter
@@ -486,48 +853,6 @@ class FireReset(gym.Wrapper):
         return obs, info
 
 
-def make_env(args: Args, render: bool = False):
-    """A thunk for the vector env. Observations are uint8 stacks of 4 grayscale 84x84 frames, one agent step per 4
-    emulator frames; info["episode"] at an episode's end holds the env's own (unshaped) return and its length in
-    agent steps (for Atari: of the whole game, all lives)."""
-    def thunk():
-        if multiprocessing.parent_process() is not None:
-            # In an AsyncVectorEnv worker. Ctrl-C (and a service manager's SIGTERM) reach the whole process group, but
-            # stopping is the trainer's job: it saves a checkpoint, then closes the workers.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if args.env_id.startswith("ALE/"):
-            import ale_py
-            gym.register_envs(ale_py)
-            # CleanRL ppo_atari's environment (its NoFrameskip-v4 ids): no sticky actions, the minimal action set,
-            # no-op starts, skip 4 with max-pooling, 84x84 grayscale, a lost life ends the learner's episode, FIRE
-            # after a reset, the reward's sign, a stack of 4. The frame skip lives in the wrapper, not the env.
-            env = gym.make(args.env_id, frameskip=1, repeat_action_probability=0.0, full_action_space=False,
-                           render_mode="rgb_array" if render else None)
-            env = gym.wrappers.AtariPreprocessing(env, noop_max=args.noop_max, frame_skip=4, screen_size=84)
-            env = gym.wrappers.RecordEpisodeStatistics(env)
-            env = EpisodicLife(env)
-            if "FIRE" in env.unwrapped.get_action_meanings():
-                env = FireReset(env)
-            env = gym.wrappers.TransformReward(env, lambda r: float(np.sign(r)))
-            return gym.wrappers.FrameStackObservation(env, 4)
-        env = make_mario_base_env(args.env_id, args.action_set, render)
-        # Repeat each action 4 frames; the observation is the max of the last two (sprites flicker between frames).
-        # The max is written into a new array, so nes-py's reused screen buffer is never kept.
-        env = gym.wrappers.MaxAndSkipObservation(env, skip=FRAMES_PER_STEP)
-        if args.noop_max:
-            env = NoopStart(env, args.noop_max)
-        env = TrackProgress(env, args.stuck_timeout)
-        env = gym.wrappers.RecordEpisodeStatistics(env)
-        env = ShapeReward(env, args.flag_bonus, args.death_penalty, args.score_coef, args.reward_scale,
-                          add_terms=not is_gymnasium_native(), pay_skipped_ground=args.pay_skipped_ground,
-                          height_coef=args.height_coef)
-        env = gym.wrappers.GrayscaleObservation(env)
-        env = gym.wrappers.ResizeObservation(env, (84, 84))
-        return gym.wrappers.FrameStackObservation(env, 4)
-    return thunk
-
-
 class EnvGroups:
     """num_envs environments as one or two vector envs ("groups"). With two AsyncVectorEnv groups the rollout is
     pipelined: one group's emulators step while the policy acts for the other, so acting costs no stepping time
@@ -589,329 +914,148 @@ class EnvGroups:
             group.closed = True
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Agent: the Nature-DQN CNN trunk shared by an actor head and a critic head
-# ---------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
+# Training runs: setup and logging, checkpoints, resume and fork, signals
+# ----------------------------------------------------------------------------------------------------------------------
 
-def layer_init(layer, std: float = np.sqrt(2), bias_const: float = 0.0):
-    nn.init.orthogonal_(layer.weight, std)
-    nn.init.constant_(layer.bias, bias_const)
-    return layer
-
-
-class Agent(nn.Module):
-    def __init__(self, in_channels: int, num_actions: int, channels_last: bool = False):
-        super().__init__()
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.trunk = nn.Sequential(
-            layer_init(nn.Conv2d(in_channels, 32, 8, stride=4)), nn.ReLU(),
-            layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
-            layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
-            nn.Flatten(),
-            layer_init(nn.Linear(64 * 7 * 7, 512)), nn.ReLU(),
-        )
-        self.actor = layer_init(nn.Linear(512, num_actions), std=0.01)  # near-uniform initial policy
-        self.critic = layer_init(nn.Linear(512, 1), std=1.0)
-        self.to(memory_format=self.memory_format)
-
-    def features(self, obs):
-        # Observations stay uint8 everywhere else (4x less memory than float32); scaled here, on the device, after the
-        # layout change (done on the uint8 tensor: 4x fewer bytes to move).
-        return self.trunk(obs.contiguous(memory_format=self.memory_format).float().div_(255.0))
-
-    def get_value(self, obs):
-        return self.critic(self.features(obs)).squeeze(-1)
-
-    def get_action_and_value(self, obs, action=None):
-        hidden = self.features(obs)
-        dist = Categorical(logits=self.actor(hidden), validate_args=False)
-        if action is None:
-            action = dist.sample()
-        return action, dist.log_prob(action), dist.entropy(), self.critic(hidden).squeeze(-1)
-
-    def action_probs(self, obs):
-        return self.actor(self.features(obs)).softmax(-1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Rollout: num_steps transitions from each environment with the current policy
-# ---------------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class Rollout:
-    """Storage for one rollout, one row per step; every tensor is [num_steps, num_envs, ...]."""
-    obs: torch.Tensor  # uint8
-    actions: torch.Tensor
-    logprobs: torch.Tensor
-    rewards: torch.Tensor
-    terminations: torch.Tensor
-    truncations: torch.Tensor
-    values: torch.Tensor
-    final_values: torch.Tensor  # V(final observation) where an episode was truncated, else 0
-
-    @classmethod
-    def empty(cls, num_steps: int, num_envs: int, obs_shape: tuple, device):
-        shape = (num_steps, num_envs)
-        tensors = {f.name: torch.zeros(shape, device=device) for f in fields(cls) if f.name not in ("obs", "actions")}
-        # Frames are stored channels-last (the C of C x H x W innermost), the layout the CNN reads by default: a
-        # minibatch gathered from the flattened rollout is then laid out for the convolutions already.
-        channels, height, width = obs_shape
-        obs = torch.zeros(shape + (height, width, channels), dtype=torch.uint8, device=device).permute(0, 1, 4, 2, 3)
-        return cls(obs=obs, actions=torch.zeros(shape, dtype=torch.long, device=device), **tensors)
+class Run:
+    """What train() sets up before its loop."""
+    args: Args  # for a resumed run, the run's own (see resumed_args)
+    rank: int
+    world_size: int
+    device: torch.device
+    run_dir: str
+    checkpoint: dict | None  # the checkpoint to resume or fork from
+    checkpoint_path: str | None  # the newest good checkpoint of this run
 
 
-EPISODE_KEYS = ("x_pos", "max_x_pos", "flag_get", "world", "stage", "furthest_stage")
+def start_run(args: Args) -> Run:
+    """Join torchrun's process group (if any), pick the device, load the checkpoint to resume or fork from, name and
+    check the run directory, and seed the random generators."""
+    rank, world_size, local_rank = setup_distributed(args.cuda)
+    device = pick_device(args.cuda, local_rank)
+    checkpoint, checkpoint_path = None, None
+    if args.resume:
+        checkpoint_path = newest_checkpoint(args.resume)
+        checkpoint = load_training_checkpoint(checkpoint_path, world_size)
+        args = resumed_args(args, checkpoint["args"])
+        validate_args(args)
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path)))
+    else:
+        run_dir = os.path.join(args.runs_dir, f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__"
+                                              f"{int(time.time())}")
+        if args.fork:  # a resumed fork goes on from its own checkpoint: its saved --fork only records where it began
+            checkpoint = load_checkpoint(args.fork)
+            batch_size = args.num_envs * args.num_steps * world_size
+            if checkpoint["global_step"] // batch_size >= args.total_timesteps // batch_size:
+                fail(f"--fork {args.fork} is at step {checkpoint['global_step']}, already at --total-timesteps "
+                     f"{args.total_timesteps}; raise --total-timesteps")
+    check_env_id(args.env_id)
+    run_dir = broadcast_from_main(run_dir)  # the ranks may have started in different seconds
+    if rank == 0:
+        check_writable(run_dir)
+    seed_everything(args.seed, args.torch_deterministic)
+    keep_freed_memory()
+    return Run(args, rank, world_size, device, run_dir, checkpoint, checkpoint_path)
 
 
-def collect_rollout(envs: EnvGroups, agent, rollout: Rollout, next_obs, device, stop=None):
-    """Fill `rollout` by stepping `envs` from `next_obs`. Returns the observation to continue from and the finished
-    episodes as (step index, {"return", "length", and for Mario x_pos, max_x_pos, flag_get, world, stage,
-    furthest_stage}).
-    Returns early, with the rollout incomplete, once `stop` is requested.
-
-    Each pass acts for every group in turn and sends it stepping, after storing the outcome of that group's previous
-    step: while the policy acts for one group, the other group's environments are stepping."""
-    episodes = []
-    num_steps = rollout.obs.shape[0]
-    next_obs = next_obs.clone()  # updated group by group below; the caller's tensor stays as it was
-    for step in range(num_steps + 1):
-        stopping = step == num_steps or (stop is not None and stop.requested)
-        for g, group in enumerate(envs.slices):
-            if step > 0:
-                obs, reward, terminated, truncated, infos = envs.receive(g)
-                t = step - 1
-                rollout.rewards[t, group] = torch.as_tensor(reward, dtype=torch.float32, device=device)
-                rollout.terminations[t, group] = torch.as_tensor(terminated, dtype=torch.float32, device=device)
-                rollout.truncations[t, group] = torch.as_tensor(truncated, dtype=torch.float32, device=device)
-                next_obs[group] = torch.as_tensor(obs, device=device)
-                rollout.final_values[t, group] = 0.0
-                if "final_obs" in infos:  # an episode ended; next_obs already holds the new episode's start
-                    bootstrap = np.flatnonzero(truncated & ~terminated)
-                    if len(bootstrap):
-                        final_obs = torch.as_tensor(np.stack(infos["final_obs"][bootstrap]), device=device)
-                        with torch.no_grad():
-                            rollout.final_values[t, group.start + bootstrap] = agent.get_value(final_obs)
-                    final_info = infos["final_info"]
-                    for i in np.flatnonzero(final_info.get("_episode", [])):  # Atari: none at a life lost
-                        episode = {"return": float(final_info["episode"]["r"][i]),
-                                   "length": int(final_info["episode"]["l"][i])}
-                        episode.update({key: float(final_info[key][i]) for key in EPISODE_KEYS if key in final_info})
-                        episodes.append((t, episode))
-            if not stopping:
-                rollout.obs[step, group] = next_obs[group]
-                with torch.no_grad():
-                    action, logprob, _, value = agent.get_action_and_value(next_obs[group])
-                rollout.actions[step, group], rollout.logprobs[step, group], rollout.values[step, group] = action, logprob, value
-                envs.send(g, action.cpu().numpy())
-        if stopping:
-            break
-    return next_obs, episodes
+def restore_training_state(run: Run, agent: Agent, optimizer, envs: EnvGroups, batch_size: int) -> tuple[int, int]:
+    """Load the resumed or forked checkpoint into the agent and optimizer (a resume also restores the random
+    streams); give every torchrun rank the same weights. Returns the global step and iteration to go on from."""
+    args, checkpoint, is_main = run.args, run.checkpoint, run.rank == 0
+    global_step = iteration = 0
+    if checkpoint:
+        if not args.resume:
+            check_fits(checkpoint, args.fork, list(envs.single_observation_space.shape),
+                       int(envs.single_action_space.n), args.env_id,
+                       f"keep its --action-set ({checkpoint['action_set']}) and an --env-id of the same kind")
+        agent.load_state_dict(checkpoint["model"])  # copied onto the device's tensors
+        if "optimizer" in checkpoint:  # an evaluation-only model forks with a fresh optimizer
+            optimizer.load_state_dict(checkpoint["optimizer"])  # moved to the parameters' device by torch
+        global_step = checkpoint["global_step"]
+        if args.resume:
+            iteration = checkpoint["iteration"]
+            set_rng_states(checkpoint["rng"])
+            if is_main:
+                print(f"resuming {run.run_dir} at iteration {iteration}, step {global_step}")
+        else:
+            # The step count goes on, and with it the learning-rate schedule, at this run's batch size and rate.
+            iteration = global_step // batch_size
+            optimizer.param_groups[0]["lr"] = args.learning_rate
+            if is_main:
+                print(f"forking {args.fork} at step {global_step} into {run.run_dir}")
+    if run.world_size > 1:
+        for tensor in agent.state_dict().values():
+            dist.broadcast(tensor, src=0)  # identical starting weights on every rank
+        torch.manual_seed(args.seed + 1000 * run.rank + iteration)  # but each rank samples its own actions
+    return global_step, iteration
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Generalised advantage estimation
-# ---------------------------------------------------------------------------------------------------------------------
-
-def compute_gae(rewards, values, terminations, truncations, final_values, next_value, gamma, gae_lambda):
-    """Advantages and returns of a rollout. rewards, values, terminations, truncations and final_values are
-    [num_steps, num_envs]; final_values holds V(final observation) where an episode was truncated; next_value is
-    V(next_obs), the state after the last row.
-
-        V(s_{t+1}) = values[t+1] inside an episode, final_values[t] after a truncation, next_value after the last row
-        delta_t    = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)        (TD error)
-        A_t        = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}             (GAE, cut at every episode end)
-        R_t        = A_t + V(s_t)                                                   (lambda-return: the value target)
-
-    A truncated episode (the stuck time-out) keeps its bootstrap term instead of being scored like a death, and like
-    a terminated one it stops the sum, so no advantage reaches into the next episode.
-    """
-    advantages = torch.zeros_like(rewards)
-    next_advantage = torch.zeros_like(next_value)
-    for t in reversed(range(rewards.shape[0])):
-        next_values = next_value if t == rewards.shape[0] - 1 else values[t + 1]
-        next_values = torch.where(truncations[t].bool(), final_values[t], next_values)
-        done = torch.maximum(terminations[t], truncations[t])
-        delta = rewards[t] + gamma * (1.0 - terminations[t]) * next_values - values[t]
-        next_advantage = delta + gamma * gae_lambda * (1.0 - done) * next_advantage
-        advantages[t] = next_advantage
-    return advantages, advantages + values
+def open_writer(run: Run, global_step: int) -> SummaryWriter:
+    """The run's TensorBoard writer. purge_step drops what an interrupted process logged after its checkpoint (steps
+    > global_step): a resumed run's curves go on without duplicate or missing points."""
+    writer = SummaryWriter(run.run_dir, purge_step=global_step + 1 if run.args.resume else None)
+    if not run.args.resume:
+        writer.add_text("hyperparameters",
+                        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(run.args).items()))
+    return writer
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# PPO losses
-# ---------------------------------------------------------------------------------------------------------------------
+def progress_line(iteration: int, num_iterations: int, global_step: int, sps: int, rollout_sps: int, recent: dict,
+                  elapsed: float, eta: float) -> str:
+    def clock(seconds: float) -> str:
+        return f"{int(seconds // 3600)}:{time.strftime('%M:%S', time.gmtime(seconds))}"
 
-def policy_loss(new_logprob, old_logprob, advantages, clip_coef):
-    """Clipped surrogate, negated for gradient descent:
-
-        r_t(theta) = pi_theta(a_t|s_t) / pi_theta_old(a_t|s_t)
-        L^CLIP     = E[ min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) ]
-    """
-    ratio = (new_logprob - old_logprob).exp()
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef) * advantages
-    return -torch.min(unclipped, clipped).mean()
+    line = (f"iter {iteration}/{num_iterations} ({iteration / num_iterations:.0%})  step {global_step}  SPS {sps} "
+            f"(rollout {rollout_sps})  elapsed {clock(elapsed)}  ETA {clock(eta)}")
+    if recent["return"]:
+        line += f"  return(last 20) {np.mean(recent['return']):.1f}"
+    if recent["x_pos"]:
+        line += f"  x_pos {np.mean(recent['x_pos']):.0f}  flags {np.mean(recent['flag_get']):.0%}"
+    return line
 
 
-def value_loss(new_values, old_values, returns, clip_coef=None):
-    """0.5 * squared error to the lambda-return; with clip_coef, the pessimistic max of the plain and the clipped error,
-    where the clipped prediction moves at most clip_coef away from the value recorded in the rollout."""
-    unclipped = (new_values - returns) ** 2
-    if clip_coef is None:
-        return 0.5 * unclipped.mean()
-    clipped_values = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
-    clipped = (clipped_values - returns) ** 2
-    return 0.5 * torch.max(unclipped, clipped).mean()
+def finish_run(run: Run, agent: Agent, optimizer, envs: EnvGroups, stop: "GracefulStop", global_step: int,
+               iteration: int):
+    """After the loop: under torchrun, check that the ranks agree; on a signal, checkpoint the last complete iteration
+    unless that checkpoint exists already."""
+    if run.world_size > 1:
+        if not stop.requested:
+            check_ranks_agree(agent, run.device)
+        dist.barrier()  # no rank tears the process group down while another still uses it
+    if run.rank == 0 and stop.requested and (run.checkpoint_path is None
+                                             or not run.checkpoint_path.endswith(f"step_{global_step:010d}.pt")):
+        run.checkpoint_path = save_checkpoint(run.run_dir, agent, optimizer, run.args, global_step, iteration, envs)
+        print(f"saved {run.checkpoint_path}", flush=True)
 
 
-def normalize_advantages(advantages):
-    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+def fail_on_dead_worker(envs: EnvGroups, args: Args, error: Exception, global_step: int, run_dir: str):
+    # The pipe can report the death before the process is reaped: wait for the first exit to name the worker.
+    ended = multiprocessing.connection.wait([process.sentinel for process in envs.processes], timeout=5)
+    dead = [i for i, process in enumerate(envs.processes) if process.sentinel in ended]
+    envs.close(worker_died=True)
+    fail(f"environment worker {', '.join(map(str, dead)) or '?'} ({args.env_id}) died ({type(error).__name__}) at step "
+         f"{global_step}; continue from the last checkpoint with --resume {run_dir}")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# PPO update
-# ---------------------------------------------------------------------------------------------------------------------
-
-def ppo_update(agent: Agent, optimizer, batch: dict, args: Args) -> dict:
-    """update_epochs passes of minibatch gradient descent on the PPO loss over one flattened rollout. Returns the last
-    minibatch's losses and the diagnostics CleanRL logs. Raises NonFiniteError instead of stepping on a bad gradient."""
-    batch_size = len(batch["actions"])
-    minibatch_size = batch_size // args.num_minibatches
-    clipfracs = []
-    for epoch in range(args.update_epochs):
-        permutation = torch.randperm(batch_size, device=batch["actions"].device)
-        for start in range(0, batch_size, minibatch_size):
-            mb = permutation[start:start + minibatch_size]
-            _, new_logprob, entropy, new_value = agent.get_action_and_value(batch["obs"][mb], batch["actions"][mb])
-            with torch.no_grad():
-                # Diagnostics: KL(old || new) estimators (http://joschu.net/blog/kl-approx.html) and clip rate.
-                logratio = new_logprob - batch["logprobs"][mb]
-                old_approx_kl = (-logratio).mean()
-                approx_kl = ((logratio.exp() - 1) - logratio).mean()
-                clipfracs.append(((logratio.exp() - 1.0).abs() > args.clip_coef).float().mean().item())
-
-            advantages = normalize_advantages(batch["advantages"][mb]) if args.norm_adv else batch["advantages"][mb]
-            pg_loss = policy_loss(new_logprob, batch["logprobs"][mb], advantages, args.clip_coef)
-            v_loss = value_loss(new_value, batch["values"][mb], batch["returns"][mb],
-                                args.clip_coef if args.clip_vloss else None)
-            entropy_loss = entropy.mean()
-            loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
-
-            optimizer.zero_grad()
-            loss.backward()
-            average_gradients(agent)  # under torchrun: every rank takes the same step from the same weights
-            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise NonFiniteError(f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}")
-            optimizer.step()
-
-        if args.target_kl is not None and all_reduce_mean(approx_kl.clone()) > args.target_kl:  # decided jointly
-            break
-    return {"value_loss": v_loss.item(), "policy_loss": pg_loss.item(), "entropy": entropy_loss.item(),
-            "old_approx_kl": old_approx_kl.item(), "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs))}
-
-
-class NonFiniteError(RuntimeError):
-    pass
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Data parallelism under torchrun: each rank steps its own envs and computes GAE and minibatches on its own batch;
-# gradients are averaged so all ranks take the same optimizer step. Without torchrun these are no-ops.
-# ---------------------------------------------------------------------------------------------------------------------
-
-def setup_distributed(want_cuda: bool) -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); joins the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, 0
-    local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = want_cuda and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    # torch.optim imports torch._dynamo on first use; imported after the group exists, it keeps references to it that
-    # outlive destroy_process_group, so gloo's worker threads run on into interpreter shutdown, where one can abort the
-    # process ("terminate called without an active exception"). Imported first, the group dies with destroy.
-    import torch._dynamo  # noqa: F401
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), world_size, local_rank
-
-
-def all_reduce_mean(tensor):
-    """Average `tensor` over the ranks, in place."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return tensor
-
-
-def average_gradients(agent: nn.Module):
-    """One all-reduce of all gradients, flattened."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad for p in agent.parameters()]
-    flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
-    for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
-        grad.copy_(averaged.view_as(grad))
-
-
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank if `flag` is true on any: decisions such as stopping are taken jointly, so no rank waits
-    forever for another in a collective."""
-    if not dist.is_initialized():
-        return flag
-    tensor = torch.tensor(float(flag), device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
-def gather_to_main(items: list) -> list:
-    """Every rank's items, concatenated on rank 0 as (rank, item) pairs (empty elsewhere)."""
-    if not dist.is_initialized():
-        return [(0, item) for item in items]
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(items, gathered, dst=0)
-    return [(rank, item) for rank, rank_items in enumerate(gathered or []) for item in rank_items]
-
-
-def broadcast_from_main(value):
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def check_ranks_agree(agent: nn.Module, device):
-    """After training: every rank must hold exactly the same weights."""
-    flat = torch.cat([p.detach().reshape(-1) for p in agent.parameters()])  # reshape: channels-last weights copy
-    high, low = flat.clone(), flat.clone()
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    if not torch.equal(high, low):
-        fail(f"ranks finished with different weights (max difference {(high - low).abs().max().item():.3g})")
-    if dist.get_rank() == 0:
-        print(f"weights identical on all {dist.get_world_size()} ranks")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Training: checkpoints, resume, signals
-# ---------------------------------------------------------------------------------------------------------------------
-
-def pick_device(want_cuda: bool, local_rank: int = 0):
-    if want_cuda and not torch.cuda.is_available():
-        print("warning: --cuda given but no CUDA device is available; training on CPU", file=sys.stderr)
-    return torch.device("cuda", local_rank) if want_cuda and torch.cuda.is_available() else torch.device("cpu")
-
-
-def keep_freed_memory():
-    """glibc returns every freed block over 128 KiB to the OS at once, so the tens of MB of activations of each
-    minibatch are mapped and page-faulted in afresh: measured on this project's CPU, ~14% of the PPO update. Serve
-    such blocks from the heap and keep what is freed for reuse. Does nothing where the C library is not glibc."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB (glibc's maximum) come from the heap
-        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap instead of trimming it
+def log_episodes(writer, episodes, global_step: int, num_envs: int, world_size: int, recent: dict):
+    """Each finished episode (as (rank, (step index, episode))) at the step it ended; for Mario also where it got and
+    whether it reached the flag."""
+    for rank, (step, episode) in episodes:
+        at_step = global_step + ((step * world_size + rank) + 1) * num_envs
+        writer.add_scalar("charts/episodic_return", episode["return"], at_step)
+        writer.add_scalar("charts/episodic_length", episode["length"], at_step)
+        recent["return"].append(episode["return"])
+        if "x_pos" in episode:
+            recent["x_pos"].append(episode["x_pos"])
+            recent["flag_get"].append(episode["flag_get"])
+            # Per episode only what no other tag says (events of 30k episodes add up): the furthest x and stage
+            # (1-1 -> 1, ..., 8-4 -> 32) and the 0/1 flag, from which any window's flag rate follows.
+            writer.add_scalar("mario/max_x_pos", episode["max_x_pos"], at_step)
+            writer.add_scalar("mario/episode_flag_get", float(episode["flag_get"]), at_step)
+            writer.add_scalar("mario/furthest_stage", episode["furthest_stage"], at_step)
 
 
 def seed_everything(seed: int, torch_deterministic: bool):
@@ -1010,7 +1154,6 @@ RESUME_FLAGS = ("resume", "cuda", "save_interval", "keep_checkpoints", "capture_
 
 def saved_args(saved: dict) -> Args:
     """The Args a checkpoint holds."""
-    saved = {"pay_skipped_ground": False, **saved}  # runs from before the option trained without it
     return Args(**{f.name: saved[f.name] for f in fields(Args) if f.name in saved})
 
 
@@ -1065,191 +1208,140 @@ class GracefulStop:
             signal.signal(sig, handler)
 
 
-def log_episodes(writer, episodes, global_step: int, num_envs: int, world_size: int, recent: dict):
-    """Each finished episode (as (rank, (step index, episode))) at the step it ended; for Mario also where it got and
-    whether it reached the flag."""
-    for rank, (step, episode) in episodes:
-        at_step = global_step + ((step * world_size + rank) + 1) * num_envs
-        writer.add_scalar("charts/episodic_return", episode["return"], at_step)
-        writer.add_scalar("charts/episodic_length", episode["length"], at_step)
-        recent["return"].append(episode["return"])
-        if "x_pos" in episode:
-            recent["x_pos"].append(episode["x_pos"])
-            recent["flag_get"].append(episode["flag_get"])
-            # Per episode only what no other tag says (events of 30k episodes add up): the furthest x and stage
-            # (1-1 -> 1, ..., 8-4 -> 32) and the 0/1 flag, from which any window's flag rate follows.
-            writer.add_scalar("mario/max_x_pos", episode["max_x_pos"], at_step)
-            writer.add_scalar("mario/episode_flag_get", float(episode["flag_get"]), at_step)
-            writer.add_scalar("mario/furthest_stage", episode["furthest_stage"], at_step)
+# ----------------------------------------------------------------------------------------------------------------------
+# Devices and torchrun: each rank steps its own envs and computes GAE and minibatches on its own batch;
+# gradients are averaged so all ranks take the same optimizer step. Without torchrun these are no-ops.
+# ----------------------------------------------------------------------------------------------------------------------
 
 
-def train(args: Args) -> str:
-    """Train, or continue the run args.resume points at; returns the run directory. Under torchrun, rank 0 alone
-    writes TensorBoard (with every rank's episodes) and checkpoints."""
-    rank, world_size, local_rank = setup_distributed(args.cuda)
-    is_main = rank == 0
-    device = pick_device(args.cuda, local_rank)
-    checkpoint, checkpoint_path = None, None  # checkpoint_path: the newest good checkpoint of this run
-    if args.resume:
-        checkpoint_path = newest_checkpoint(args.resume)
-        checkpoint = load_training_checkpoint(checkpoint_path, world_size)
-        args = resumed_args(args, checkpoint["args"])
-        validate_args(args)
-        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path)))
-    else:
-        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join(args.runs_dir, run_name)
+def pick_device(want_cuda: bool, local_rank: int = 0):
+    if want_cuda and not torch.cuda.is_available():
+        print("warning: --cuda given but no CUDA device is available; training on CPU", file=sys.stderr)
+    return torch.device("cuda", local_rank) if want_cuda and torch.cuda.is_available() else torch.device("cpu")
+
+
+def keep_freed_memory():
+    """glibc returns every freed block over 128 KiB to the OS at once, so the tens of MB of activations of each
+    minibatch are mapped and page-faulted in afresh, a visible share of the PPO update on the CPU. Serve
+    such blocks from the heap and keep what is freed for reuse. Does nothing where the C library is not glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB (glibc's maximum) come from the heap
+        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap instead of trimming it
+
+
+def setup_distributed(want_cuda: bool) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); joins the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = want_cuda and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    # torch.optim imports torch._dynamo on first use; imported after the group exists, it keeps references to it that
+    # outlive destroy_process_group, so gloo's worker threads run on into interpreter shutdown, where one can abort the
+    # process ("terminate called without an active exception"). Imported first, the group dies with destroy.
+    import torch._dynamo  # noqa: F401
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), world_size, local_rank
+
+
+def all_reduce_mean(tensor):
+    """Average `tensor` over the ranks, in place."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def average_gradients(agent: nn.Module):
+    """One all-reduce of all gradients, flattened."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in agent.parameters()]
+    flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+    for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(averaged.view_as(grad))
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if `flag` is true on any: decisions such as stopping are taken jointly, so no rank waits
+    forever for another in a collective."""
+    if not dist.is_initialized():
+        return flag
+    tensor = torch.tensor(float(flag), device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def gather_to_main(items: list) -> list:
+    """Every rank's items, concatenated on rank 0 as (rank, item) pairs (empty elsewhere)."""
+    if not dist.is_initialized():
+        return [(0, item) for item in items]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(items, gathered, dst=0)
+    return [(rank, item) for rank, rank_items in enumerate(gathered or []) for item in rank_items]
+
+
+def broadcast_from_main(value):
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_ranks_agree(agent: nn.Module, device):
+    """After training: every rank must hold exactly the same weights."""
+    flat = torch.cat([p.detach().reshape(-1) for p in agent.parameters()])  # reshape: channels-last weights copy
+    high, low = flat.clone(), flat.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    if not torch.equal(high, low):
+        fail(f"ranks finished with different weights (max difference {(high - low).abs().max().item():.3g})")
+    if dist.get_rank() == 0:
+        print(f"weights identical on all {dist.get_world_size()} ranks")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation support: loading a model, videos with the action probabilities
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def stage_name(number: int) -> str:
+    """Stage number 1..32 (TrackProgress's furthest_stage) as world-stage: 5 -> '2-1'."""
+    return f"{(number - 1) // 4 + 1}-{(number - 1) % 4 + 1}"
+
+
+def check_fits(checkpoint: dict, path: str, envs_obs_shape: list, num_actions: int, env_id: str, fix: str):
+    if (checkpoint["obs_shape"], checkpoint["num_actions"]) != (envs_obs_shape, num_actions):
+        fail(f"checkpoint {path} is for {checkpoint['env_id']} (observations {checkpoint['obs_shape']}, "
+             f"{checkpoint['num_actions']} actions), not {env_id} (observations {envs_obs_shape}, {num_actions} "
+             f"actions); {fix}")
+
+
+def load_agent(checkpoint: dict, path: str, envs_obs_shape: list, num_actions: int, env_id: str, device) -> Agent:
+    """The saved agent, after checking that it fits the env's observations and actions."""
+    check_fits(checkpoint, path, envs_obs_shape, num_actions, env_id, "pass a matching --env-id")
+    agent = Agent(envs_obs_shape[0], num_actions).to(device)
+    agent.load_state_dict(checkpoint["model"])
+    return agent
+
+
+def load_for_evaluation(path: str, args: Args, device, env_id: str | None = None) -> tuple[Agent, dict]:
+    """The agent saved in checkpoint `path` and the checkpoint; args takes the checkpoint's action set, and env_id
+    (default: the checkpoint's env id)."""
+    checkpoint = load_checkpoint(path, device)
+    args.env_id = env_id or checkpoint["env_id"]
+    args.action_set = checkpoint["action_set"]
     check_env_id(args.env_id)
-    run_dir = broadcast_from_main(run_dir)  # the ranks may have started in different seconds
-    if is_main:
-        check_writable(run_dir)
-    batch_size = args.num_envs * args.num_steps  # per rank
-    num_iterations = args.total_timesteps // (batch_size * world_size)
-    # A resumed fork goes on from its own checkpoint: its saved --fork only records where it began.
-    fork = None if args.resume else args.fork
-    if fork:
-        checkpoint = load_checkpoint(fork)
-        if checkpoint["global_step"] // (batch_size * world_size) >= num_iterations:
-            fail(f"--fork {fork} is at step {checkpoint['global_step']}, already at --total-timesteps "
-                 f"{args.total_timesteps}; raise --total-timesteps")
+    env = make_env(args)()
+    agent = load_agent(checkpoint, path, list(env.observation_space.shape), int(env.action_space.n),
+                       args.env_id, device)
+    env.close()
+    return agent, checkpoint
 
-    seed_everything(args.seed, args.torch_deterministic)
-    if args.keep_freed_memory:
-        keep_freed_memory()
-    stop, writer, global_step = GracefulStop(), None, 0
-    envs = EnvGroups(args)
-    try:  # from the moment the environments exist: whatever raises below, `finally` closes them (no orphan worker)
-        obs_shape = envs.single_observation_space.shape
-        agent = Agent(obs_shape[0], envs.single_action_space.n, args.channels_last).to(device)
-        optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-        iteration = 0
-        if fork:
-            check_fits(checkpoint, fork, list(obs_shape), int(envs.single_action_space.n), args.env_id,
-                       f"keep its --action-set ({checkpoint['action_set']}) and an --env-id of the same kind")
-        if checkpoint:
-            agent.load_state_dict(checkpoint["model"])  # copied onto the device's tensors
-            if "optimizer" in checkpoint:  # an evaluation-only model forks with a fresh optimizer
-                optimizer.load_state_dict(checkpoint["optimizer"])  # moved to the parameters' device by torch
-            global_step = checkpoint["global_step"]
-        if args.resume:
-            iteration = checkpoint["iteration"]
-            set_rng_states(checkpoint["rng"])
-            if is_main:
-                print(f"resuming {run_dir} at iteration {iteration}, step {global_step}")
-        elif fork:
-            # The step count goes on, and with it the learning-rate schedule, at this run's batch size and rate.
-            iteration = global_step // (batch_size * world_size)
-            optimizer.param_groups[0]["lr"] = args.learning_rate
-            if is_main:
-                print(f"forking {fork} at step {global_step} into {run_dir}")
-        if world_size > 1:
-            for tensor in agent.state_dict().values():
-                dist.broadcast(tensor, src=0)  # identical starting weights on every rank
-            torch.manual_seed(args.seed + 1000 * rank + iteration)  # but each rank samples its own actions
-        if is_main:
-            # purge_step drops what an interrupted process logged after its checkpoint (steps > global_step): the
-            # curves go on without duplicate or missing points.
-            writer = SummaryWriter(run_dir, purge_step=global_step + 1 if args.resume else None)
-            if not args.resume:
-                writer.add_text("hyperparameters",
-                                "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-
-        rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, device)
-        recent = {"return": deque(maxlen=20), "x_pos": deque(maxlen=20), "flag_get": deque(maxlen=100)}
-        # On the CPU, acting uses one thread: the emulator workers need the other cores, and idle OpenMP threads would
-        # spin on them (measured here: rollout 0.49x -> 0.76x of random-action stepping). The update gets them all.
-        update_threads = torch.get_num_threads()
-        rollout_threads = 1 if device.type == "cpu" else update_threads
-        start_time, start_step = time.time(), global_step
-        next_obs = torch.as_tensor(envs.reset(seed=args.seed + iteration + 10_000 * rank), device=device)
-        while iteration < num_iterations:
-            if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - iteration / num_iterations)
-            rollout_start = time.time()
-            torch.set_num_threads(rollout_threads)
-            # Alone, a signal cuts the rollout short; under torchrun the ranks decide together after it.
-            next_obs, episodes = collect_rollout(envs, agent, rollout, next_obs, device, stop if world_size == 1 else None)
-            torch.set_num_threads(update_threads)
-            if stop.agreed(device):  # an incomplete rollout is dropped: the checkpoint ends the last iteration
-                break
-            rollout_sps = int(batch_size * world_size / (time.time() - rollout_start))
-            episodes = gather_to_main(episodes)
-            if is_main:
-                log_episodes(writer, episodes, global_step, args.num_envs, world_size, recent)
-
-            with torch.no_grad():
-                next_value = agent.get_value(next_obs)
-            advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.terminations, rollout.truncations,
-                                              rollout.final_values, next_value, args.gamma, args.gae_lambda)
-            # Flatten the rollout into one batch of num_steps * num_envs samples.
-            batch = {"obs": rollout.obs.reshape((-1,) + obs_shape), "actions": rollout.actions.reshape(-1),
-                     "logprobs": rollout.logprobs.reshape(-1), "values": rollout.values.reshape(-1),
-                     "advantages": advantages.reshape(-1), "returns": returns.reshape(-1)}
-            try:
-                stats = ppo_update(agent, optimizer, batch, args)
-            except NonFiniteError as e:
-                fail(f"non-finite {e} at iteration {iteration + 1}; stopped without saving; the last good checkpoint is "
-                     f"{checkpoint_path or 'none (none was written yet)'}; lower --learning-rate or --max-grad-norm")
-            iteration += 1
-            global_step += batch_size * world_size
-            if is_main:
-                y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
-                var_y = np.var(y_true)
-                stats["explained_variance"] = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-                sps = int((global_step - start_step) / (time.time() - start_time))
-                writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-                for key, value in stats.items():
-                    writer.add_scalar(f"losses/{key}", value, global_step)
-                writer.add_scalar("charts/SPS", sps, global_step)
-                writer.add_scalar("charts/rollout_SPS", rollout_sps, global_step)
-                if recent["flag_get"]:
-                    writer.add_scalar("mario/flag_get", np.mean(recent["flag_get"]), global_step)
-
-                line = f"iter {iteration}/{num_iterations}  step {global_step}  SPS {sps} (rollout {rollout_sps})"
-                if recent["return"]:
-                    line += f"  return(last 20) {np.mean(recent['return']):.1f}"
-                if recent["x_pos"]:
-                    line += f"  x_pos {np.mean(recent['x_pos']):.0f}  flags {np.mean(recent['flag_get']):.0%}"
-                print(line, flush=True)
-                if iteration % args.save_interval == 0 or iteration == num_iterations:
-                    checkpoint_path = save_checkpoint(run_dir, agent, optimizer, args, global_step, iteration, envs)
-                    print(f"saved {checkpoint_path}", flush=True)
-            if stop.agreed(device):  # a signal arrived during the update
-                break
-            if is_main and args.capture_video and (iteration % args.video_interval == 0 or iteration == num_iterations):
-                evaluate(agent, args, device, episodes=1,
-                         video_path=os.path.join(run_dir, "videos", f"iteration_{iteration:05d}.mp4"))
-        if world_size > 1:
-            if not stop.requested:
-                check_ranks_agree(agent, device)
-            dist.barrier()  # no rank tears the process group down while another still uses it
-        # On a signal, the state at the end of the last complete iteration, unless that checkpoint exists already.
-        if is_main and stop.requested and (checkpoint_path is None
-                                           or not checkpoint_path.endswith(f"step_{global_step:010d}.pt")):
-            checkpoint_path = save_checkpoint(run_dir, agent, optimizer, args, global_step, iteration, envs)
-            print(f"saved {checkpoint_path}", flush=True)
-    except (EOFError, BrokenPipeError, ConnectionError) as e:
-        # The pipe can report the death before the process is reaped: wait for the first exit to name the worker.
-        ended = multiprocessing.connection.wait([process.sentinel for process in envs.processes], timeout=5)
-        dead = [i for i, process in enumerate(envs.processes) if process.sentinel in ended]
-        envs.close(worker_died=True)
-        fail(f"environment worker {', '.join(map(str, dead)) or '?'} ({args.env_id}) died ({type(e).__name__}) at step "
-             f"{global_step}; continue from the last checkpoint with --resume {run_dir}")
-    finally:
-        envs.close()
-        if writer:
-            writer.close()
-        stop.restore()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if stop.requested:
-        sys.exit(128 + stop.signum)
-    return run_dir
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------------------------------
 
 def action_labels(args: Args, env) -> list[str]:
     if args.env_id.startswith("ALE/"):
@@ -1281,102 +1373,61 @@ def write_video(frames, path: str, fps: int = 15):
         clip.write_videofile(path, fps=fps, logger=None)
 
 
-def play_episode(agent: Agent, env, device, seed: int | None, generator: torch.Generator | None = None,
-                 labels: list[str] | None = None, options: dict | None = None) -> tuple[dict, list[np.ndarray]]:
-    """One whole episode from env.reset(seed=seed, options=options) (for Atari, a whole game: play goes on after a
-    lost life), greedy, or sampled with `generator`. Returns the last info and, given action labels, one video frame
-    per action: the screen the action was chosen on (the reset screen first) with that choice's probabilities drawn
-    above it."""
-    obs, _ = env.reset(seed=seed, options=options)
-    frames = []
-    while True:
-        with torch.no_grad():
-            probs = agent.action_probs(torch.as_tensor(obs, device=device).unsqueeze(0))[0]
-        action = int(torch.multinomial(probs, 1, generator=generator)) if generator is not None else int(probs.argmax())
-        if labels is not None:  # np.array copies: nes-py renders into one reused buffer
-            frames.append(draw_action_probs(np.array(env.render()), probs.cpu().numpy(), labels, action))
-        obs, _, terminated, truncated, info = env.step(action)
-        if "episode" in info:
-            return info, frames
-        if terminated or truncated:  # Atari: a life lost ended the learner's episode, not the game
-            obs, _ = env.reset()
+# ----------------------------------------------------------------------------------------------------------------------
+# Input checks and the command line
+# ----------------------------------------------------------------------------------------------------------------------
 
 
-def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | None = None,
-             noop_counts: list[int] | None = None) -> list[dict]:
-    """Play whole episodes, greedy unless args.eval_sample, each after a random number of no-op steps (up to
-    eval_noop_max) so that greedy episodes differ, or, given noop_counts, one episode after each of those counts
-    (episodes is then len(noop_counts)). Returns {"return", "length", "x_pos", "flag_get", "furthest_stage"} per
-    episode; the first episode goes to video_path with the action probabilities drawn above the frames."""
-    env = make_env(replace(args, noop_max=args.eval_noop_max), render=video_path is not None)()
-    labels = action_labels(args, env) if video_path else None
-    # Sampled evaluation draws from its own generator: it repeats under the same --seed, whatever training did.
-    generator = torch.Generator(device).manual_seed(args.seed) if args.eval_sample else None
-    starts = [None] * episodes if noop_counts is None else [{"noops": noops} for noops in noop_counts]
-    results = []
-    for episode, options in enumerate(starts):
-        # The first reset's seed seeds the no-op starts of all the episodes.
-        info, frames = play_episode(agent, env, device, args.seed if episode == 0 else None, generator,
-                                    labels if episode == 0 else None, options)
-        if frames:
-            write_video(frames, video_path)
-        results.append({"return": float(info["episode"]["r"]), "length": int(info["episode"]["l"]),
-                        "x_pos": float(info.get("x_pos", np.nan)), "flag_get": bool(info.get("flag_get", False)),
-                        "furthest_stage": info.get("furthest_stage")})
-    env.close()
-    return results
+def fail(message: str):
+    """Stop with one line that says what is wrong and how to fix it (no traceback)."""
+    sys.exit(f"error: {message}")
 
 
-def stage_name(number: int) -> str:
-    """Stage number 1..32 (TrackProgress's furthest_stage) as world-stage: 5 -> '2-1'."""
-    return f"{(number - 1) // 4 + 1}-{(number - 1) % 4 + 1}"
+def validate_args(args: Args):
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes",
+                 "save_interval", "video_interval", "keep_checkpoints"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("learning_rate", "clip_coef", "max_grad_norm", "reward_scale"):
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("stuck_timeout", "noop_max", "eval_noop_max"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if not 0 < args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
+        fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
+    if args.target_kl is not None and not args.target_kl > 0:
+        fail(f"--target-kl must be positive, got {args.target_kl}")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches:
+        fail(f"--num-minibatches {args.num_minibatches} does not divide the batch of {batch_size} "
+             f"(num_envs * num_steps); pick a divisor of {batch_size}")
+    if args.norm_adv and batch_size // args.num_minibatches < 2:
+        fail(f"--num-minibatches {args.num_minibatches} leaves 1 sample per minibatch of the batch of {batch_size}, and "
+             "advantage normalisation needs 2 or more; use fewer minibatches (or --no-norm-adv)")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun
+    if args.eval_checkpoint is None and args.total_timesteps < batch_size * world_size:
+        fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {batch_size * world_size} "
+             f"(num_envs * num_steps * ranks); raise it or shrink the batch")
 
 
-def check_fits(checkpoint: dict, path: str, envs_obs_shape: list, num_actions: int, env_id: str, fix: str):
-    if (checkpoint["obs_shape"], checkpoint["num_actions"]) != (envs_obs_shape, num_actions):
-        fail(f"checkpoint {path} is for {checkpoint['env_id']} (observations {checkpoint['obs_shape']}, "
-             f"{checkpoint['num_actions']} actions), not {env_id} (observations {envs_obs_shape}, {num_actions} "
-             f"actions); {fix}")
+# Settings that only the Mario envs read, and of those the reward terms the 9.x package line's own reward replaces.
+MARIO_ONLY = ("action_set", "stuck_timeout", "flag_bonus", "death_penalty", "score_coef", "reward_scale",
+              "pay_skipped_ground", "height_coef")
+REWARD_TERMS = ("flag_bonus", "death_penalty", "score_coef", "pay_skipped_ground", "height_coef")
 
 
-def load_agent(checkpoint: dict, path: str, envs_obs_shape: list, num_actions: int, env_id: str, device) -> Agent:
-    """The saved agent, after checking that it fits the env's observations and actions."""
-    check_fits(checkpoint, path, envs_obs_shape, num_actions, env_id, "pass a matching --env-id")
-    agent = Agent(envs_obs_shape[0], num_actions).to(device)
-    agent.load_state_dict(checkpoint["model"])
-    return agent
-
-
-def load_for_evaluation(path: str, args: Args, device) -> tuple[Agent, dict]:
-    """The agent saved in checkpoint `path` and the checkpoint; args takes the checkpoint's action set, and its env id
-    unless one was given."""
-    checkpoint = load_checkpoint(path, device)
-    args.env_id = args.env_id or checkpoint["env_id"]
-    args.action_set = checkpoint["action_set"]
-    check_env_id(args.env_id)
-    env = make_env(args)()
-    agent = load_agent(checkpoint, path, list(env.observation_space.shape), int(env.action_space.n),
-                       args.env_id, device)
-    env.close()
-    return agent, checkpoint
-
-
-def run_evaluation(args: Args):
-    device = pick_device(args.cuda)
-    path = newest_checkpoint(args.eval_checkpoint)
-    agent, _ = load_for_evaluation(path, args, device)
-    video_path = args.video_path or os.path.splitext(path)[0] + "-eval.mp4"
-    results = evaluate(agent, args, device, args.eval_episodes, video_path)
-
-    returns = [r["return"] for r in results]
-    line = f"{args.env_id}: {len(results)} {'sampled' if args.eval_sample else 'greedy'} episodes, "
-    if results[0]["furthest_stage"] is not None:  # Mario
-        clears = sum(r["flag_get"] for r in results)
-        line += (f"cleared {clears}/{len(results)} ({clears / len(results):.0%}), furthest stage "
-                 f"{stage_name(max(r['furthest_stage'] for r in results))}, mean x_pos {np.mean([r['x_pos'] for r in results]):.0f}, ")
-    print(line + f"return {np.mean(returns):.1f} ± {np.std(returns):.1f}")
-    print(f"wrote {video_path}")
-    return results
+def warn_unused_settings(args: Args):
+    """One warning for each setting changed from its default that does nothing for the env at hand."""
+    if args.env_id.startswith("ALE/"):
+        unused, why = MARIO_ONLY, f"{args.env_id} is not a Mario env"
+    elif is_gymnasium_native():
+        unused, why = REWARD_TERMS, f"gym-super-mario-bros {smb_version()} has its own reward terms"
+    else:
+        return
+    for name in unused:
+        if getattr(args, name) != getattr(Args, name):
+            print(f"warning: --{name.replace('_', '-')} {getattr(args, name)} does nothing: {why}", file=sys.stderr)
 
 
 def main(args: Args):
@@ -1387,17 +1438,32 @@ def main(args: Args):
     validate_args(args)
     if args.eval_checkpoint is not None:
         return run_evaluation(args)
-    args.env_id = args.env_id or DEFAULT_ENV_ID
+    if int(os.environ.get("RANK", "0")) == 0:
+        warn_unused_settings(args)
     return train(args)
 
 
+def given_env_id(argv: list[str]) -> str | None:
+    """The --env-id on the command line, if any."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--env-id", "--env_id")
+    return parser.parse_known_args(argv)[0].env_id
+
+
 def cli_args(argv: list[str] | None = None) -> Args:
-    """The command line. With --resume or --fork, a flag not given takes the checkpoint's value, not the default: a
-    resumed or forked run keeps its own save, device and video settings (a forgotten --keep-checkpoints must not prune
-    the checkpoints the run kept). Telling a given flag from one left out needs the command line itself, so it is
-    parsed again with the checkpoint's Args as the defaults."""
-    args = tyro.cli(Args, args=argv)
-    if args.eval_checkpoint is not None or bool(args.resume) == bool(args.fork):
+    """The command line. The defaults of the flags not given are those of the run at hand, and --help shows them: an
+    ALE/ id's (ATARI_DEFAULTS); with --resume or --fork, the checkpoint's Args, so a resumed or forked run keeps its
+    own save, device and video settings too (a forgotten --keep-checkpoints must not prune the checkpoints the run
+    kept); with --eval-checkpoint, the checkpoint's env id and action set. Telling a given flag from one left out
+    needs the command line itself, so it is parsed again with those defaults."""
+    argv = sys.argv[1:] if argv is None else argv
+    env_id = given_env_id(argv)
+    args = tyro.cli(Args, args=argv, default=default_args(env_id or Args.env_id))
+    if args.eval_checkpoint is not None:
+        checkpoint = load_checkpoint(args.eval_checkpoint)
+        defaults = replace(default_args(env_id or checkpoint["env_id"]), action_set=checkpoint["action_set"])
+        return tyro.cli(Args, args=argv, default=defaults)
+    if bool(args.resume) == bool(args.fork):
         return args  # neither, or both (main refuses that in one line)
     if args.resume:  # refused here, before any warning, if it cannot be resumed
         checkpoint = load_training_checkpoint(newest_checkpoint(args.resume), int(os.environ.get("WORLD_SIZE", "1")))

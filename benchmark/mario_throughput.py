@@ -1,21 +1,24 @@
 """Super Mario Bros throughput, every figure measured in this one run so they can be read as ratios:
 
-  1. the bare emulator (frames/s, one process, random joypad actions);
-  2. one fully wrapped env (agent steps/s; each agent step is 4 frames);
+  1. the bare emulator (nes-py's frame advance alone) and the SMB env stepped frame by frame with its own reward and
+     info, in frames/s (one process, random joypad actions);
+  2. one fully wrapped env, in frames/s (4 per agent step), as ratios to the bare emulator; with --before, the
+     wrapped env of that version of ppo_mario.py too, measured alternately with this one;
   3. Sync vs Async vector envs with random actions, for 1..--max-envs envs;
   4. the training loop's rollout (acting + stepping, pipelined over two env groups) against random-action stepping of
      the same envs on the same worker processes (target: >= 0.9x);
-  5. whole training (rollout + update) with the default hyperparameters, before and after a speed change, alternated
-     in short real runs: SPS, the PPO update's share of an iteration's wall time, and the peak memory (RSS) with the
-     share of the uint8 rollout buffer. "Before" is --compare-flags (default: --no-channels-last
-     --no-keep-freed-memory: the CNN in the default memory layout, glibc's default malloc trimming).
+  5. whole training (rollout + update) with the default hyperparameters, before and after a change, alternated in
+     short real runs: SPS, the PPO update's share of an iteration's wall time, and the peak memory (RSS) with the
+     share of the uint8 rollout buffer. "After" is this checkout's ppo_mario.py; "before" is --before (another version
+     of the script, e.g. from git) with --before-flags.
 
     python benchmark/mario_throughput.py                  # ~15 minutes on 2 cores
-    python benchmark/mario_throughput.py --only-training  # part 5 alone
+    git show HEAD~3:ppo_mario.py > /tmp/before.py && python benchmark/mario_throughput.py --only-training --before /tmp/before.py
     python benchmark/mario_throughput.py --cuda --max-envs 16
 """
 
 import argparse
+import importlib.util
 import os
 import resource
 import subprocess
@@ -76,13 +79,46 @@ def rollout_sps(envs, agent, rollout, next_obs, device) -> tuple[float, torch.Te
     return rollout.obs.shape[0] * envs.num_envs / (time.perf_counter() - start), next_obs
 
 
+def bare_emulator_frames_per_second(frames: int) -> float:
+    """nes-py's frame advance alone, random joypad bytes: the floor no wrapper can go below."""
+    env = ppo_mario.make_mario_base_env(ENV_ID, "simple", render=False)
+    env.reset(seed=0)
+    nes = env.unwrapped
+    buttons = np.random.default_rng(0).integers(0, 256, size=frames)
+    start = time.perf_counter()
+    for button in buttons:
+        nes._frame_advance(int(button))
+    rate = frames / (time.perf_counter() - start)
+    env.close()
+    return rate
+
+
+def load_script(path: str):
+    """Another version of ppo_mario.py, imported under its own module name."""
+    spec = importlib.util.spec_from_file_location("ppo_mario_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def measure_envs_and_rollout(args, device):
     """Parts 1-4: the emulator, one wrapped env, vector envs with random actions, and the rollout against them."""
-    frames = random_steps_per_second(ppo_mario.make_mario_base_env(ENV_ID, "simple", render=False), 4 * args.steps)
-    single = random_steps_per_second(ppo_mario.make_env(ppo_mario.Args(env_id=ENV_ID))(), args.steps)
-    print("\n| what | throughput |\n|-|-|")
-    print(f"| bare emulator, 1 process | {frames:,.0f} frames/s ({frames / 4:,.0f} agent steps/s of 4 frames) |")
-    print(f"| one wrapped env (skip 4, gray, 84x84, stack 4) | {single:,.0f} agent steps/s ({single / (frames / 4):.2f}x the bare emulator) |")
+    versions = {"this": ppo_mario} | ({"before": load_script(args.before)} if args.before else {})
+    bare, smb, wrapped = [], [], {name: [] for name in versions}
+    for _ in range(args.repeats):  # alternated, so that a busy moment of the machine hits all of them
+        bare.append(bare_emulator_frames_per_second(4 * args.steps))
+        smb.append(random_steps_per_second(ppo_mario.make_mario_base_env(ENV_ID, "right_only", render=False),
+                                           4 * args.steps))
+        for name, module in versions.items():
+            env = module.make_env(module.Args(env_id=ENV_ID))()
+            wrapped[name].append(4 * random_steps_per_second(env, args.steps))
+    bare_median = np.median(bare)
+    print(f"\n| what (medians of {args.repeats}) | frames/s | / bare emulator |\n|-|-|-|")
+    print(f"| bare emulator (nes-py frame advance) | {bare_median:,.0f} | 1.00x |")
+    print(f"| SMB env frame by frame (joypad, reward, info) | {np.median(smb):,.0f} | {np.median(smb) / bare_median:.2f}x |")
+    for name, rates in wrapped.items():
+        print(f"| one wrapped env, {name} ppo_mario.py (skip 4, gray, 84x84, stack 4) | {np.median(rates):,.0f} | "
+              f"{np.median(rates) / bare_median:.2f}x |")
 
     print("\n| envs | Sync agent steps/s | Async agent steps/s | Async / Sync |\n|-|-|-|-|")
     counts = sorted({n for n in (1, 2, 4, 8, 16) if n <= args.max_envs} | {args.max_envs})
@@ -126,9 +162,11 @@ def main():
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--only-training", action="store_true", help="measure whole training (part 5) only")
     parser.add_argument("--iterations", type=int, default=3, help="iterations of each training run")
-    parser.add_argument("--repeats", type=int, default=2, help="before/after pairs of training runs")
-    parser.add_argument("--compare-flags", default="--no-channels-last --no-keep-freed-memory",
-                        help="ppo_mario.py flags of the 'before' runs (default: without the two CPU speed settings)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="measurements of each env in parts 1-2, and before/after pairs of training runs")
+    parser.add_argument("--before", help="another version of ppo_mario.py to measure beside this one (the wrapped env "
+                        "and whole training; default for training: this checkout's again)")
+    parser.add_argument("--before-flags", default="", help="ppo_mario.py flags of the 'before' runs")
     args = parser.parse_args()
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     print(f"machine: {os.cpu_count()} CPU cores, device {device}"
@@ -144,11 +182,13 @@ def main():
     print(f"\nwhole training, defaults ({n} envs x {defaults.num_steps} steps, {defaults.update_epochs} epochs of "
           f"{defaults.num_minibatches} minibatches), {args.iterations} iterations a run; SPS over the whole run (start-up "
           "included) and per iteration after the first; the update's share of an iteration's wall time:")
-    print("\n| run | flags | SPS (whole run) | SPS (iterations 2+) | rollout SPS | update share |\n|-|-|-|-|-|-|")
+    print("\n| run | extra flags | SPS (whole run) | SPS (iterations 2+) | rollout SPS | update share |\n|-|-|-|-|-|-|")
     peak_rss = None
     for repeat in range(args.repeats):
-        for label, flags in (("after", []), ("before", args.compare_flags.split())):
-            result = whole_training(n, batch, args.iterations, flags + (["--cuda"] if args.cuda else []))
+        for label, script, flags in (("after", os.path.join(ROOT, "ppo_mario.py"), []),
+                                     ("before", args.before or os.path.join(ROOT, "ppo_mario.py"),
+                                      args.before_flags.split())):
+            result = whole_training(script, n, batch, args.iterations, flags + (["--cuda"] if args.cuda else []))
             peak_rss = peak_rss or result["peak_rss"]  # the first run's: RUSAGE_CHILDREN keeps the maximum over all
             print(f"| {label} {repeat + 1} | {' '.join(flags) or '(defaults)'} | {result['sps']:,.0f} | "
                   f"{result['iteration_sps']:,.0f} | {result['rollout_sps']:,.0f} | {result['update_share']:.0%} |",
@@ -160,12 +200,12 @@ def main():
           f"observations alone would take {4 * obs_bytes / 2**20:,.1f} MiB")
 
 
-def whole_training(n: int, batch: int, iterations: int, flags: list[str]) -> dict:
+def whole_training(script: str, n: int, batch: int, iterations: int, flags: list[str]) -> dict:
     """A real training run of `iterations` iterations. From its TensorBoard events: SPS at the end (start-up included),
     SPS over the iterations after the first (from the events' wall times), the median rollout SPS, and the update's
     share of those iterations (an iteration's time less its rollout's: the update, with GAE and logging)."""
     with tempfile.TemporaryDirectory() as runs_dir:
-        command = [sys.executable, os.path.join(ROOT, "ppo_mario.py"), "--env-id", ENV_ID, "--runs-dir", runs_dir,
+        command = [sys.executable, script, "--env-id", ENV_ID, "--runs-dir", runs_dir,
                    "--num-envs", str(n), "--total-timesteps", str(iterations * batch), *flags]
         subprocess.run(command, check=True, capture_output=True)
         peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024

@@ -5,7 +5,6 @@ import os
 import random
 import subprocess
 import time
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -157,12 +156,3 @@ def test_an_error_once_the_environments_run_closes_them(script, tmp_path):
     while processes_mentioning(str(tmp_path)) and time.time() < deadline:
         time.sleep(0.2)
     assert processes_mentioning(str(tmp_path)) == []
-
-
-def test_a_run_from_before_an_option_existed_resumes_without_it():
-    # Checkpoints written before --pay-skipped-ground existed hold no such key: their runs trained without the pay.
-    saved = asdict(ppo_mario.Args())
-    del saved["pay_skipped_ground"]
-    assert ppo_mario.resumed_args(ppo_mario.Args(), saved).pay_skipped_ground is False
-    saved["pay_skipped_ground"] = True
-    assert ppo_mario.resumed_args(ppo_mario.Args(), saved).pay_skipped_ground is True

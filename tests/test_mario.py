@@ -13,6 +13,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import ppo_mario
 from ppo_mario import (Agent, Args, EnvGroups, Rollout, TrackProgress, action_labels, collect_rollout,
                        draw_action_probs, evaluate, is_gymnasium_native, make_env, play_episode)
 
@@ -55,6 +56,47 @@ def test_env_factory_observations_and_action_sets(action_set, num_actions):
 
 
 @pytest.mark.skipif(is_gymnasium_native(), reason="the 9.x reward holds its own score, flag and death terms")
+def test_the_fast_observation_pipeline_shows_gymnasiums_picture_and_changes_nothing_else():
+    # Gymnasium's own wrappers, in make_env's order, as the reference: the same episode of random actions through both
+    # (3 lives of 1-1 with the stuck time-out off: deaths, a reset, and the final observations of an ended episode).
+    args = Args(env_id=STAGE, stuck_timeout=0)
+    env = make_env(args)()
+    reference = ppo_mario.make_mario_base_env(STAGE, args.action_set, render=False)
+    reference = gym.wrappers.MaxAndSkipObservation(reference, skip=4)
+    reference = ppo_mario.TrackProgress(reference, args.stuck_timeout)
+    reference = gym.wrappers.RecordEpisodeStatistics(reference)
+    reference = ppo_mario.ShapeReward(reference, args.flag_bonus, args.death_penalty, args.score_coef,
+                                      args.reward_scale, add_terms=not is_gymnasium_native(),
+                                      pay_skipped_ground=args.pay_skipped_ground, height_coef=args.height_coef)
+    reference = gym.wrappers.GrayscaleObservation(reference)
+    reference = gym.wrappers.ResizeObservation(reference, (84, 84))
+    reference = gym.wrappers.FrameStackObservation(reference, 4)
+    assert env.observation_space == reference.observation_space
+
+    rng = np.random.default_rng(0)
+    obs, info = env.reset(seed=0)
+    expected_obs, expected_info = reference.reset(seed=0)
+    largest_difference, steps, episodes = 0, 0, 0
+    while episodes < 2:
+        action = int(rng.integers(env.action_space.n))
+        obs, reward, terminated, truncated, info = env.step(action)
+        expected_obs, *expected, expected_info = reference.step(action)
+        assert [reward, terminated, truncated] == expected, f"step {steps}"
+        for episode_info in (info, expected_info):  # the episode's wall-clock time is the one thing that may differ
+            episode_info.get("episode", {}).pop("t", None)
+        np.testing.assert_equal(info, expected_info, err_msg=f"step {steps}")
+        largest_difference = max(largest_difference, np.abs(obs.astype(int) - expected_obs.astype(int)).max())
+        steps += 1
+        if terminated or truncated:
+            episodes += 1
+            obs, info = env.reset()
+            expected_obs, expected_info = reference.reset()
+            np.testing.assert_equal(info, expected_info)
+    env.close()
+    reference.close()
+    assert steps > 300 and largest_difference <= 2  # the same picture, to a grey level or two
+
+
 def test_reward_options_change_the_reward_as_documented():
     raw_env = make_env(Args(env_id=STAGE, flag_bonus=0, death_penalty=0, score_coef=0, reward_scale=1))()
     shaped_env = make_env(Args(env_id=STAGE, flag_bonus=50, death_penalty=30, score_coef=0.05, reward_scale=0.1))()
@@ -279,13 +321,13 @@ def test_the_full_game_counts_progress_flags_and_deaths_per_stage_and_life():
 
 
 def test_atari_uses_cleanrl_ppo_atari_settings_and_logs_whole_games():
-    args = Args(env_id="ALE/Breakout-v5")
+    args = ppo_mario.cli_args(["--env-id", "ALE/Breakout-v5"])
     assert (args.total_timesteps, args.num_steps, args.gamma, args.num_minibatches, args.clip_coef, args.noop_max) == (
         10_000_000, 128, 0.99, 4, 0.1, 30)
     assert (args.learning_rate, args.num_envs, args.gae_lambda, args.update_epochs, args.ent_coef) == (
         2.5e-4, 8, 0.95, 4, 0.01)
-    assert Args(env_id="ALE/Breakout-v5", gamma=0.9).gamma == 0.9  # a flag given wins
-    assert Args().gamma == 0.9 and Args().num_steps == 512  # Mario's
+    assert ppo_mario.cli_args(["--env-id=ALE/Breakout-v5", "--gamma", "0.9"]).gamma == 0.9  # a flag given wins
+    assert ppo_mario.cli_args([]).gamma == 0.9 and ppo_mario.cli_args([]).num_steps == 512  # Mario's
 
     env = make_env(args)()
     ale = env.unwrapped.ale
@@ -459,12 +501,21 @@ def test_the_video_shows_each_action_on_the_frame_it_was_chosen_on():
 
 def test_atari_smoke_run(tmp_path):
     result = run_cli("--env-id", "ALE/Breakout-v5", "--total-timesteps", "256", "--runs-dir", str(tmp_path),
-                     "--sync-envs", *TINY_RUN)
+                     "--sync-envs", "--height-coef", "1", *TINY_RUN)
     assert result.returncode == 0, result.stderr
+    # A Mario-only setting changed from its default does nothing here: one warning says so.
+    assert result.stderr.count("warning: --height-coef 1.0 does nothing: ALE/Breakout-v5 is not a Mario env") == 1
     (run_dir,) = tmp_path.iterdir()
     (path,) = (run_dir / "checkpoints").iterdir()
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["obs_shape"] == [4, 84, 84] and checkpoint["num_actions"] == 4
+
+
+def test_evaluation_plays_the_checkpoints_own_stage_unless_another_is_given(tmp_path):
+    result = run_cli("--eval-checkpoint", os.path.join("models", "SuperMarioBros-1-4-v0.pt"), "--eval-episodes", "1",
+                     "--stuck-timeout", "20", "--video-path", str(tmp_path / "e.gif"))
+    assert result.returncode == 0, result.stderr
+    assert "SuperMarioBros-1-4-v0: 1 greedy episodes" in result.stdout
 
 
 # ----------------------------------------------------------------------------------------------------------- bad input
