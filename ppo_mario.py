@@ -97,6 +97,12 @@ class Args:
     noop_max: int = 0
     """start each training episode after 0..noop_max random no-op steps (not counted in the episode), so that enemies
     and platforms meet the agent at a different phase each time"""
+    random_game_rng: bool = False
+    """seed the game's own pseudo-random register at random on each training reset: the emulator is deterministic, so
+    otherwise every start gives the same enemy pattern (such as flying fish) and a policy can learn those by heart"""
+    sticky_actions: float = 0.0
+    """in training, repeat the previous action instead of the chosen one with this probability at each agent step
+    (Machado et al. 2018), so that a policy cannot rely on an exact sequence of inputs"""
     stuck_timeout: int = 100
     """truncate an episode after this many agent steps (~7 s of game time) without new rightward progress in the
     current stage and life (0: off); a stuck Mario would otherwise spend the rest of the 400-second clock on one screen"""
@@ -200,8 +206,12 @@ def make_env(args: Args, render: bool = False):
         # Repeat each action 4 frames; the observation is the max of the last two (sprites flicker between frames).
         # The max is written into a new array, so nes-py's reused screen buffer is never kept.
         env = gym.wrappers.MaxAndSkipObservation(env, skip=FRAMES_PER_STEP)
+        if args.random_game_rng:
+            env = RandomGameRng(env)
         if args.noop_max:
             env = NoopStart(env, args.noop_max)
+        if args.sticky_actions:
+            env = StickyActions(env, args.sticky_actions)
         env = TrackProgress(env, args.stuck_timeout)
         env = gym.wrappers.RecordEpisodeStatistics(env)
         env = ShapeReward(env, args.flag_bonus, args.death_penalty, args.score_coef, args.reward_scale,
@@ -541,7 +551,9 @@ def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | 
     eval_noop_max) so that greedy episodes differ, or, given noop_counts, one episode after each of those counts
     (episodes is then len(noop_counts)). Returns {"return", "length", "x_pos", "flag_get", "furthest_stage"} per
     episode; the first episode goes to video_path with the action probabilities drawn above the frames."""
-    env = make_env(replace(args, noop_max=args.eval_noop_max), render=video_path is not None)()
+    # Evaluation plays the game as it is: no training-only variety (random game RNG, sticky actions).
+    env = make_env(replace(args, noop_max=args.eval_noop_max, random_game_rng=False, sticky_actions=0.0),
+                   render=video_path is not None)()
     labels = action_labels(args, env) if video_path else None
     # Sampled evaluation draws from its own generator: it repeats under the same --seed, whatever training did.
     generator = torch.Generator(device).manual_seed(args.seed) if args.eval_sample else None
@@ -786,6 +798,48 @@ class GrayResize(gym.ObservationWrapper):
 def lives_left(life_counter: int) -> int:
     """The game's life counter: 2 at the start, 0 for the last life, 255 after it (game over)."""
     return -1 if life_counter == 255 else life_counter
+
+
+class RandomGameRng(gym.Wrapper):
+    """Writes random bytes into Super Mario Bros' pseudo-random register (PseudoRandomBitReg: 7 bytes of RAM at 0x07A7,
+    shifted every frame, which times enemies such as the flying Cheep-Cheeps) after each reset. All bytes are
+    non-zero: a register of zeros would stay zero. The bytes come from the wrapper's own generator, seeded by
+    reset(seed=...)."""
+
+    ADDRESS, SIZE = 0x07A7, 7
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.rng = np.random.default_rng()
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        self.env.unwrapped.ram[self.ADDRESS:self.ADDRESS + self.SIZE] = self.rng.integers(1, 256, self.SIZE)
+        return obs, info
+
+
+class StickyActions(gym.Wrapper):
+    """With probability p, an agent step repeats the previous action instead of the one chosen (the first step of an
+    episode repeats NOOP). Above the no-op starts, so that those stay no-ops."""
+
+    def __init__(self, env, p: float):
+        super().__init__(env)
+        self.p, self.previous = p, 0
+        self.rng = np.random.default_rng()
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        self.previous = 0
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action):
+        if self.rng.random() < self.p:
+            action = self.previous
+        self.previous = action
+        return self.env.step(action)
 
 
 class NoopStart(gym.Wrapper):
@@ -1396,6 +1450,8 @@ def validate_args(args: Args):
             fail(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0 < args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
         fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
+    if not 0 <= args.sticky_actions < 1:
+        fail(f"--sticky-actions is a probability in [0, 1), got {args.sticky_actions}")
     if args.target_kl is not None and not args.target_kl > 0:
         fail(f"--target-kl must be positive, got {args.target_kl}")
     batch_size = args.num_envs * args.num_steps
@@ -1412,7 +1468,7 @@ def validate_args(args: Args):
 
 
 # Settings that only the Mario envs read, and of those the reward terms the 9.x package line's own reward replaces.
-MARIO_ONLY = ("action_set", "stuck_timeout", "flag_bonus", "death_penalty", "score_coef", "reward_scale",
+MARIO_ONLY = ("action_set", "random_game_rng", "sticky_actions", "stuck_timeout", "flag_bonus", "death_penalty", "score_coef", "reward_scale",
               "pay_skipped_ground", "height_coef")
 REWARD_TERMS = ("flag_bonus", "death_penalty", "score_coef", "pay_skipped_ground", "height_coef")
 

@@ -534,3 +534,72 @@ def test_bad_input_gets_one_clear_line(cli_args, message):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert message in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------- variety in training
+
+def screens_of_a_run_right(env, seed, steps=60):
+    """The newest frame of each step of a fixed run-and-jump, from reset(seed)."""
+    env.reset(seed=seed)
+    frames = []
+    for t in range(steps):
+        obs, _, terminated, truncated, _ = env.step(4 if (t // 8) % 2 == 0 else 1)  # right+A+B, then right
+        frames.append(obs[-1].copy())
+        if terminated or truncated:
+            break
+    return np.array(frames)
+
+
+def test_a_random_game_rng_changes_the_flying_fish_and_repeats_under_a_seed():
+    # 2-3's flying Cheep-Cheeps are timed by the game's pseudo-random register. The emulator is deterministic: without
+    # the option every reset shows the same fish; with it, each seed its own, and the same seed the same.
+    plain = make_env(Args(env_id="SuperMarioBros-2-3-v0", stuck_timeout=0))()
+    env = make_env(Args(env_id="SuperMarioBros-2-3-v0", stuck_timeout=0, random_game_rng=True))()
+    np.testing.assert_array_equal(screens_of_a_run_right(plain, 1), screens_of_a_run_right(plain, 2))
+    seed_1, seed_2 = screens_of_a_run_right(env, 1), screens_of_a_run_right(env, 2)
+    assert seed_1.shape != seed_2.shape or (seed_1 != seed_2).any()
+    np.testing.assert_array_equal(screens_of_a_run_right(env, 1), seed_1)
+    env.reset(seed=3)
+    register = env.unwrapped.ram[0x07A7:0x07AE]
+    plain.reset(seed=3)
+    assert register.all() and (register != plain.unwrapped.ram[0x07A7:0x07AE]).any()
+    env.close()
+    plain.close()
+
+
+class Executed(gym.Wrapper):
+    """Records the action that reaches the emulator."""
+
+    def reset(self, **kwargs):
+        self.actions = []
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        self.actions.append(action)
+        return self.env.step(action)
+
+
+def test_sticky_actions_repeat_the_previous_action_with_their_probability():
+    executed = Executed(ppo_mario.make_mario_base_env(STAGE, "right_only", render=False))
+    env = ppo_mario.StickyActions(executed, 0.25)
+    env.reset(seed=0)
+    chosen = np.random.default_rng(1).integers(0, 5, 400)
+    for action in chosen:
+        env.step(int(action))
+    # Written out: the wrapper's generator, seeded by reset(seed=0), draws once a step; a draw under p repeats the
+    # action that reached the emulator before (NOOP at an episode's start).
+    repeats = np.random.default_rng(0).random(len(chosen)) < 0.25
+    expected, previous = [], 0
+    for action, repeat in zip(chosen, repeats):
+        previous = previous if repeat else int(action)
+        expected.append(previous)
+    assert executed.actions == expected and 80 < repeats.sum() < 120
+    env.close()
+
+
+def test_evaluation_never_uses_the_training_variety():
+    agent, checkpoint = ppo_mario.load_for_evaluation(os.path.join(ROOT, "models", "SuperMarioBros-1-1-v0.pt"),
+                                                      Args(), "cpu")
+    plain = Args(env_id=STAGE, stuck_timeout=30)
+    varied = Args(env_id=STAGE, stuck_timeout=30, random_game_rng=True, sticky_actions=0.5, noop_max=30)
+    assert evaluate(agent, varied, "cpu", 1, noop_counts=[0]) == evaluate(agent, plain, "cpu", 1, noop_counts=[0])
