@@ -100,6 +100,9 @@ class Args:
     random_game_rng: bool = False
     """seed the game's own pseudo-random register at random on each training reset: the emulator is deterministic, so
     otherwise every start gives the same enemy pattern (such as flying fish) and a policy can learn those by heart"""
+    start_states: float = 0.0
+    """start this share of training episodes from a state along the furthest episode the env has played (replayed from
+    the reset state), first near its end, then further back as episodes from there get past it (Backplay)"""
     sticky_actions: float = 0.0
     """in training, repeat the previous action instead of the chosen one with this probability at each agent step
     (Machado et al. 2018), so that a policy cannot rely on an exact sequence of inputs"""
@@ -206,6 +209,8 @@ def make_env(args: Args, render: bool = False):
         # Repeat each action 4 frames; the observation is the max of the last two (sprites flicker between frames).
         # The max is written into a new array, so nes-py's reused screen buffer is never kept.
         env = gym.wrappers.MaxAndSkipObservation(env, skip=FRAMES_PER_STEP)
+        if args.start_states:
+            env = StartStates(env, args.start_states)
         if args.random_game_rng:
             env = RandomGameRng(env)
         if args.noop_max:
@@ -551,9 +556,9 @@ def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | 
     eval_noop_max) so that greedy episodes differ, or, given noop_counts, one episode after each of those counts
     (episodes is then len(noop_counts)). Returns {"return", "length", "x_pos", "flag_get", "furthest_stage"} per
     episode; the first episode goes to video_path with the action probabilities drawn above the frames."""
-    # Evaluation plays the game as it is: no training-only variety (random game RNG, sticky actions).
-    env = make_env(replace(args, noop_max=args.eval_noop_max, random_game_rng=False, sticky_actions=0.0),
-                   render=video_path is not None)()
+    # Evaluation plays the game as it is: no training-only variety (start states, random game RNG, sticky actions).
+    env = make_env(replace(args, noop_max=args.eval_noop_max, random_game_rng=False, sticky_actions=0.0,
+                           start_states=0.0), render=video_path is not None)()
     labels = action_labels(args, env) if video_path else None
     # Sampled evaluation draws from its own generator: it repeats under the same --seed, whatever training did.
     generator = torch.Generator(device).manual_seed(args.seed) if args.eval_sample else None
@@ -798,6 +803,59 @@ class GrayResize(gym.ObservationWrapper):
 def lives_left(life_counter: int) -> int:
     """The game's life counter: 2 at the start, 0 for the last life, 255 after it (game over)."""
     return -1 if life_counter == 255 else life_counter
+
+
+class StartStates(gym.Wrapper):
+    """Start states along the env's own furthest episode (Backplay, Resnick et al. 2018; Salimans & Chen 2018): with
+    probability p an episode starts after the first `start_point` steps of that episode, replayed from the reset state
+    as part of the reset (the emulator is deterministic, so the replay is the exact state; the steps after it are the
+    episode). The start point lies back_steps agent steps before the furthest episode's end; once that episode reached
+    the flag, it moves back by back_steps whenever at least half of the last `window` episodes from there reach it too,
+    down to the reset state. Below the no-op starts, which it records with the agent's actions.
+    reset(options={"start": k}) replays the first k steps instead."""
+
+    def __init__(self, env, p: float, back_steps: int = 50, window: int = 10):
+        super().__init__(env)
+        self.p, self.back_steps = p, back_steps
+        self.rng = np.random.default_rng()
+        self.furthest_actions, self.furthest_x, self.furthest_cleared, self.start_point = [], -1, False, 0
+        self.outcomes = deque(maxlen=window)  # of the episodes from start_point: further than the furthest, or the flag
+        self.actions, self.max_x, self.start = [], 0, 0
+
+    def reset(self, *, seed=None, options=None):
+        options = dict(options or {})
+        start = options.pop("start", None)
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        obs, info = self.env.reset(seed=seed, options=options or None)
+        if start is None:
+            start = self.start_point if self.start_point and self.rng.random() < self.p else 0
+        self.actions, self.max_x, self.start = [], info.get("x_pos", 0), start
+        for action in self.furthest_actions[:start]:
+            obs, _, _, _, info = self.step(action)
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.actions.append(action)
+        self.max_x = max(self.max_x, info["x_pos"])
+        if terminated or truncated:
+            self.episode_ended(bool(info["flag_get"]))
+        return obs, reward, terminated, truncated, info
+
+    def episode_ended(self, flag: bool):
+        """A further episode (or the first to reach the flag) becomes the one to start along; once the furthest reached
+        the flag, the start point moves back as the episodes from it reach the flag too."""
+        further = not self.furthest_cleared and (flag or self.max_x > self.furthest_x)
+        if self.start and self.start == self.start_point:
+            self.outcomes.append(further or flag)
+        if further:
+            self.furthest_actions, self.furthest_x, self.furthest_cleared = self.actions, self.max_x, flag
+            self.start_point = max(0, len(self.actions) - self.back_steps)
+            self.outcomes.clear()
+        elif len(self.outcomes) == self.outcomes.maxlen and np.mean(self.outcomes) >= 0.5:
+            self.start_point = max(0, self.start_point - self.back_steps)
+            self.outcomes.clear()
 
 
 class RandomGameRng(gym.Wrapper):
@@ -1450,8 +1508,12 @@ def validate_args(args: Args):
             fail(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0 < args.gamma <= 1 or not 0 <= args.gae_lambda <= 1:
         fail(f"--gamma must be in (0, 1] and --gae-lambda in [0, 1], got {args.gamma} and {args.gae_lambda}")
-    if not 0 <= args.sticky_actions < 1:
-        fail(f"--sticky-actions is a probability in [0, 1), got {args.sticky_actions}")
+    if not 0 <= args.sticky_actions < 1 or not 0 <= args.start_states <= 1:
+        fail(f"--sticky-actions must be in [0, 1) and --start-states in [0, 1], got {args.sticky_actions} and "
+             f"{args.start_states}")
+    if args.start_states and args.random_game_rng:
+        fail("--start-states replays episodes exactly, which a --random-game-rng written at each reset would change; "
+             "pass one of them")
     if args.target_kl is not None and not args.target_kl > 0:
         fail(f"--target-kl must be positive, got {args.target_kl}")
     batch_size = args.num_envs * args.num_steps
@@ -1468,7 +1530,7 @@ def validate_args(args: Args):
 
 
 # Settings that only the Mario envs read, and of those the reward terms the 9.x package line's own reward replaces.
-MARIO_ONLY = ("action_set", "random_game_rng", "sticky_actions", "stuck_timeout", "flag_bonus", "death_penalty", "score_coef", "reward_scale",
+MARIO_ONLY = ("action_set", "start_states", "random_game_rng", "sticky_actions", "stuck_timeout", "flag_bonus", "death_penalty", "score_coef", "reward_scale",
               "pay_skipped_ground", "height_coef")
 REWARD_TERMS = ("flag_bonus", "death_penalty", "score_coef", "pay_skipped_ground", "height_coef")
 

@@ -528,6 +528,8 @@ def test_evaluation_plays_the_checkpoints_own_stage_unless_another_is_given(tmp_
     (["--num-envs", "1", "--num-steps", "16", "--num-minibatches", "16"], "leaves 1 sample per minibatch"),
     (["--noop-max", "-1"], "--noop-max must be 0 or more, got -1"),
     (["--eval-checkpoint", "/nonexistent.pt"], "no checkpoint at /nonexistent.pt"),
+    (["--sticky-actions", "1"], "--sticky-actions must be in [0, 1) and --start-states in [0, 1], got 1.0 and 0.0"),
+    (["--start-states", "0.5", "--random-game-rng"], "--start-states replays episodes exactly"),
 ])
 def test_bad_input_gets_one_clear_line(cli_args, message):
     result = run_cli(*cli_args)
@@ -603,3 +605,61 @@ def test_evaluation_never_uses_the_training_variety():
     plain = Args(env_id=STAGE, stuck_timeout=30)
     varied = Args(env_id=STAGE, stuck_timeout=30, random_game_rng=True, sticky_actions=0.5, noop_max=30)
     assert evaluate(agent, varied, "cpu", 1, noop_counts=[0]) == evaluate(agent, plain, "cpu", 1, noop_counts=[0])
+
+
+def test_a_start_state_is_the_exact_state_of_the_furthest_episode_and_starts_a_fresh_episode():
+    # 2-3 with a fixed run-and-jump: Mario falls into the water after 94 steps, at x 674 (the 7.4 line).
+    env = make_env(Args(env_id="SuperMarioBros-2-3-v0", stuck_timeout=0, start_states=1.0))()
+
+    def play(first_step):
+        """The rest of the episode from its step first_step: frames, the RAM after each step, infos."""
+        frames, ram, infos = [], [], []
+        while True:
+            t = first_step + len(frames)
+            obs, _, terminated, truncated, info = env.step(4 if (t // 8) % 2 == 0 else 1)
+            frames.append(obs[-1].copy())
+            ram.append(env.unwrapped.ram.copy())
+            infos.append(info)
+            if terminated or truncated:
+                return frames, ram, infos
+
+    env.reset(seed=0)
+    frames, ram, infos = play(0)
+    assert infos[-1]["episode"]["l"] == len(frames) > 60
+
+    start = 40
+    obs, _ = env.reset(options={"start": start})
+    np.testing.assert_array_equal(env.unwrapped.ram, ram[start - 1])  # the exact state: RAM and frame
+    np.testing.assert_array_equal(obs[-1], frames[start - 1])
+    rest, rest_ram, rest_infos = play(start)
+    np.testing.assert_array_equal(rest_ram, ram[start:])  # and the same game from there
+    # A fresh episode: its statistics and progress count from the start state.
+    assert rest_infos[-1]["episode"]["l"] == len(rest) == len(frames) - start
+    assert rest_infos[0]["max_x_pos"] == infos[start]["x_pos"]
+    env.close()
+
+
+def test_start_states_move_back_once_episodes_from_there_reach_the_flag():
+    env = ppo_mario.StartStates(ppo_mario.make_mario_base_env(STAGE, "right_only", render=False), 1.0, back_steps=10,
+                                window=4)
+
+    def episode(start, length, max_x, flag):
+        env.start, env.actions, env.max_x = start, list(range(length)), max_x
+        env.episode_ended(flag)
+
+    episode(0, 100, 500, False)
+    assert (env.start_point, env.furthest_x) == (90, 500)  # 10 steps before the end of the furthest episode
+    episode(90, 120, 450, False)
+    episode(0, 80, 400, False)
+    assert env.start_point == 90 and len(env.furthest_actions) == 100  # neither went further
+    episode(90, 150, 800, True)  # further, and the flag: the new episode to start along
+    assert (env.start_point, env.furthest_cleared) == (140, True)
+    for flag in (True, False, True):
+        episode(140, 150, 800, flag)
+    assert env.start_point == 140  # 3 of the 4 needed
+    episode(140, 150, 800, False)
+    assert env.start_point == 130  # 2 of 4 from there reached the flag: back by 10 steps
+    for _ in range(4):
+        episode(130, 150, 800, False)
+    assert env.start_point == 130
+    env.close()
