@@ -1,11 +1,9 @@
 """PPO (clipped surrogate, GAE) on Gymnasium's CartPole-v1 in one file, read top to bottom in the order of the
-algorithm: Args -> environments -> agent -> rollout -> GAE -> losses -> update -> training loop -> evaluation.
+algorithm: Args -> environments -> agent -> rollout -> GAE -> losses -> update -> training loop -> evaluation. Resume,
+signals and torchrun live in ppo_mario.py, whose runs take hours; this one takes seconds.
 
     python ppo_cartpole.py                                                              # train into runs/<run_name>/
-    python ppo_cartpole.py --eval-checkpoint runs/<run_name> --video-path cartpole.gif  # play the saved model
-
-Checkpoints, resume, signals and torchrun live in ppo_mario.py, whose runs take hours; this one takes seconds.
-"""
+    python ppo_cartpole.py --eval-checkpoint runs/<run_name> --video-path cartpole.gif  # play the saved model"""
 
 import difflib
 import os
@@ -14,6 +12,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 
 import gymnasium as gym
 import numpy as np
@@ -27,8 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 @dataclass
 class Args:
-    # PPO. The defaults solve CartPole-v1 (mean of the last 20 episodes >= 475) within 60k steps
-    # (benchmark/cartpole_learning.py): small batches and a high learning rate mean many updates early.
+    # PPO. Small batches and a high learning rate: many updates early, CartPole solved well within the 60k steps.
     total_timesteps: int = 60_000
     """total environment steps to train for"""
     learning_rate: float = 3e-3
@@ -62,11 +60,9 @@ class Args:
     target_kl: float | None = None
     """stop the epochs of an update early when the approximate KL passes this"""
 
-    # Environment
+    # Environment and run
     env_id: str = "CartPole-v1"
     """the Gymnasium id of the environment (discrete actions, vector observations)"""
-
-    # Run
     exp_name: str = "ppo_cartpole"
     """the name of this experiment; the first part of the run name"""
     seed: int = 1
@@ -84,15 +80,12 @@ class Args:
     eval_episodes: int = 10
     """episodes to play in evaluation"""
     video_path: str | None = None
-    """in evaluation, write the first episode to this .gif or .mp4"""
+    """in evaluation, write the first episode to this gif"""
 
 
 def make_env(env_id: str, render: bool = False):
     """A thunk for the vector env: one environment that records its episodes' return and length."""
-    def thunk():
-        env = gym.make(env_id, render_mode="rgb_array" if render else None)
-        return gym.wrappers.RecordEpisodeStatistics(env)
-    return thunk
+    return lambda: gym.wrappers.RecordEpisodeStatistics(gym.make(env_id, render_mode="rgb_array" if render else None))
 
 
 def make_vector_env(args: Args):
@@ -111,7 +104,6 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
 
 class Agent(nn.Module):
     """Separate actor and critic MLPs (64-64, tanh)."""
-
     def __init__(self, obs_dim: int, num_actions: int):
         super().__init__()
         def mlp(outputs: int, std: float):
@@ -131,8 +123,7 @@ class Agent(nn.Module):
 
 
 def empty_rollout(num_steps: int, num_envs: int, obs_shape: tuple, device) -> dict:
-    """Storage for one rollout, one row per step: every tensor is [num_steps, num_envs, ...]. final_values holds
-    V(final observation) where an episode was truncated, else 0."""
+    """Storage for one rollout: [num_steps, num_envs, ...]; final_values: V(final obs) after a truncation, else 0."""
     rollout = {name: torch.zeros((num_steps, num_envs), device=device) for name in
                ("logprobs", "rewards", "terminations", "truncations", "values", "final_values")}
     rollout["actions"] = torch.zeros((num_steps, num_envs), dtype=torch.long, device=device)
@@ -140,8 +131,7 @@ def empty_rollout(num_steps: int, num_envs: int, obs_shape: tuple, device) -> di
 
 
 def collect_rollout(envs, agent, rollout: dict, next_obs, device):
-    """Fill `rollout` by stepping `envs` from `next_obs`. Returns the observation to continue from and the finished
-    episodes as (step index, return, length)."""
+    """Fill `rollout` by stepping `envs` from `next_obs`; returns the next observation and (step, return, length)s."""
     episodes = []
     for step in range(rollout["obs"].shape[0]):
         rollout["obs"][step] = next_obs
@@ -176,8 +166,7 @@ def compute_gae(rewards, values, terminations, truncations, final_values, next_v
         A_t        = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}             (GAE, cut at every episode end)
         R_t        = A_t + V(s_t)                                                   (lambda-return: the value target)
 
-    A truncated episode keeps its bootstrap term (the pole was still up when time ran out) instead of being scored as a
-    failure, and like a terminated one it stops the sum, so no advantage reaches into the next episode.
+    A truncation keeps its bootstrap term (the pole was still up when time ran out); like a termination it ends the sum.
     """
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(next_value)
@@ -254,10 +243,6 @@ def ppo_update(agent: Agent, optimizer, batch: dict, args: Args) -> dict:
             "old_approx_kl": old_approx_kl.item(), "approx_kl": approx_kl.item(), "clipfrac": float(np.mean(clipfracs))}
 
 
-def clock(seconds: float) -> str:
-    return time.strftime("%H:%M:%S", time.gmtime(seconds))
-
-
 def train(args: Args) -> str:
     """Train; returns the run directory, which holds the TensorBoard logs and the final model.pt."""
     run_dir = os.path.join(args.runs_dir, f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
@@ -265,7 +250,7 @@ def train(args: Args) -> str:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
         fail(f"cannot write the run directory {run_dir} ({e.strerror}); pass a writable --runs-dir")
-    device = pick_device(args.cuda)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -312,8 +297,8 @@ def train(args: Args) -> str:
         if iteration % max(1, num_iterations // 20) == 0 or iteration == num_iterations:  # every 5%
             mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "-"
             print(f"iter {iteration}/{num_iterations}  step {global_step}  SPS {int(global_step / elapsed)}  "
-                  f"return(last 20) {mean_return}  {iteration / num_iterations:.0%}  elapsed {clock(elapsed)}  "
-                  f"ETA {clock(elapsed / iteration * (num_iterations - iteration))}", flush=True)
+                  f"return(last 20) {mean_return}  {iteration / num_iterations:.0%}  elapsed {timedelta(seconds=int(elapsed))}"
+                  f"  ETA {timedelta(seconds=int(elapsed / iteration * (num_iterations - iteration)))}", flush=True)
     envs.close()
     writer.close()
     # The final model and what it fits, written atomically: a crash never leaves a half-written file.
@@ -326,7 +311,7 @@ def train(args: Args) -> str:
 
 
 def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | None = None) -> list[float]:
-    """Play whole greedy episodes and return their returns; the first goes to video_path (.gif or .mp4)."""
+    """Play whole greedy episodes and return their returns; the first goes to the gif video_path."""
     env = make_env(args.env_id, render=video_path is not None)()
     returns = []
     for episode in range(episodes):
@@ -344,9 +329,7 @@ def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | 
                 frames.append(env.render())
         if frames is not None:
             from moviepy import ImageSequenceClip  # imported here: only video writing needs moviepy
-            clip = ImageSequenceClip(frames, fps=50)
-            clip.write_gif(video_path, logger=None) if video_path.endswith(".gif") else clip.write_videofile(
-                video_path, logger=None)
+            ImageSequenceClip(frames, fps=50).write_gif(video_path, logger=None)
         returns.append(total)
     env.close()
     return returns
@@ -355,8 +338,7 @@ def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | 
 # ------------------------------------------ support code: loading, devices, input checks, command line ------------
 
 
-def fail(message: str):
-    """Stop with one line that says what is wrong and how to fix it (no traceback)."""
+def fail(message: str):  # one line that says what is wrong and how to fix it, no traceback
     sys.exit(f"error: {message}")
 
 
@@ -372,12 +354,6 @@ def load_model(path: str, device) -> tuple[Agent, str]:
     except Exception as e:
         fail(f"cannot read checkpoint {path} ({type(e).__name__}); the file is truncated or not a checkpoint")
     return agent, saved["env_id"]
-
-
-def pick_device(want_cuda: bool):
-    if want_cuda and not torch.cuda.is_available():
-        print("warning: --cuda given but no CUDA device is available; training on CPU", file=sys.stderr)
-    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
 
 
 def validate_args(args: Args):
@@ -397,31 +373,26 @@ def validate_args(args: Args):
     if args.eval_checkpoint is None and args.total_timesteps < batch_size:
         fail(f"--total-timesteps {args.total_timesteps} is smaller than one batch of {batch_size} "
              "(num_envs * num_steps); raise it or shrink the batch")
-
-
-def check_env_id(env_id: str):
-    """Unknown ids and non-discrete action spaces stop here with a clear message."""
-    if env_id not in gym.registry:
-        close = difflib.get_close_matches(env_id, gym.registry.keys(), n=3)
-        fail(f"unknown env id '{env_id}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
-    env = gym.make(env_id)
+    if args.env_id not in gym.registry:  # unknown ids and what this PPO cannot learn stop here too
+        close = difflib.get_close_matches(args.env_id, gym.registry.keys(), n=3)
+        fail(f"unknown env id '{args.env_id}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    env = gym.make(args.env_id)
     if not isinstance(env.action_space, gym.spaces.Discrete) or len(env.observation_space.shape) != 1:
-        fail(f"{env_id} has a {type(env.action_space).__name__} action space and observations of shape "
+        fail(f"{args.env_id} has a {type(env.action_space).__name__} action space and observations of shape "
              f"{env.observation_space.shape}; this PPO needs Discrete actions and flat observations (e.g. CartPole-v1)")
     env.close()
 
 
 def main(args: Args):
     validate_args(args)
-    check_env_id(args.env_id)
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: --cuda given but no CUDA device is available; training on CPU", file=sys.stderr)
     if args.eval_checkpoint is None:
         return train(args)
-    device = pick_device(args.cuda)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     agent, args.env_id = load_model(args.eval_checkpoint, device)  # plays the env the model was trained on
     returns = evaluate(agent, args, device, args.eval_episodes, args.video_path)
     print(f"{args.env_id}: {len(returns)} greedy episodes, return {np.mean(returns):.1f} ± {np.std(returns):.1f}")
-    if args.video_path:
-        print(f"wrote {args.video_path}")
     return returns
 
 

@@ -57,7 +57,7 @@ def test_short_run_logs_cleanrl_keys_saves_the_model_and_eval_plays_it(tmp_path)
     # A progress line per 5% of the run (here each of the 8 iterations): percent done, elapsed time and ETA.
     lines = [line for line in result.stdout.splitlines() if line.startswith("iter ")]
     assert [line.split()[1] for line in lines] == [f"{i}/8" for i in range(1, 9)]
-    assert "  50%  elapsed 00:00:" in lines[3] and lines[-1].endswith("100%  elapsed " + lines[-1].split()[-3] + "  ETA 00:00:00")
+    assert "  50%  elapsed 0:00:" in lines[3] and lines[-1].endswith("  ETA 0:00:00") and "  100%  elapsed " in lines[-1]
     (run_dir,) = tmp_path.iterdir()
     assert (run_dir / "after_training.gif").stat().st_size > 10_000  # one greedy episode
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
