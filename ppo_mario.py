@@ -207,8 +207,8 @@ def make_env(args: Args, render: bool = False):
             return gym.wrappers.FrameStackObservation(env, 4)
         env = make_mario_base_env(args.env_id, args.action_set, render)
         # Repeat each action 4 frames; the observation is the max of the last two (sprites flicker between frames).
-        # The max is written into a new array, so nes-py's reused screen buffer is never kept.
-        env = gym.wrappers.MaxAndSkipObservation(env, skip=FRAMES_PER_STEP)
+        # Gymnasium's MaxAndSkipObservation, but copying nes-py's frames channel by channel: 5x faster for its screen.
+        env = MaxAndSkip(env, skip=FRAMES_PER_STEP)
         if args.start_states:
             env = StartStates(env, args.start_states)
         if args.random_game_rng:
@@ -781,6 +781,30 @@ class ShapeReward(gym.Wrapper):
                 reward -= self.death_penalty
         self.last = now
         return obs, self.reward_scale * reward, terminated, truncated, info
+
+
+class MaxAndSkip(gym.Wrapper):
+    """Gymnasium's MaxAndSkipObservation: repeat the action `skip` frames, sum the rewards, return the max of the last
+    two frames (in a new array, so nes-py's reused screen buffer is never kept). nes-py's screen is a view with its
+    channels reversed, which numpy copies pixel by pixel (~1 ms a frame); one channel at a time it copies ~5x faster."""
+
+    def __init__(self, env, skip: int):
+        super().__init__(env)
+        self.skip = skip
+        self.frames = np.zeros((2, *env.observation_space.shape), dtype=env.observation_space.dtype)
+
+    def step(self, action):
+        total_reward, terminated, truncated, info = 0.0, False, False, {}
+        for i in range(self.skip):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            if i >= self.skip - 2:
+                frame = self.frames[i - (self.skip - 2)]
+                for channel in range(frame.shape[-1]):
+                    frame[..., channel] = obs[..., channel]
+            total_reward += float(reward)
+            if terminated or truncated:
+                break
+        return np.maximum(self.frames[0], self.frames[1]), total_reward, terminated, truncated, info
 
 
 class GrayResize(gym.ObservationWrapper):
