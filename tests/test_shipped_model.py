@@ -16,7 +16,7 @@ def model_path(stage: str) -> str:
 MODEL = model_path("1-1")
 
 
-@pytest.mark.parametrize("stage", ["1-1", "1-2", "1-3", "1-4", "2-4"])
+@pytest.mark.parametrize("stage", ["1-1", "1-2", "1-3", "1-4", "2-3", "2-4"])
 def test_shipped_model_is_a_small_evaluation_file(stage):
     path = os.path.join(ROOT, model_path(stage))
     model = torch.load(path, weights_only=True)
