@@ -83,7 +83,7 @@ def bare_emulator_frames_per_second(frames: int) -> float:
     """nes-py's frame advance alone, random joypad bytes: the floor no wrapper can go below."""
     env = ppo_mario.make_mario_base_env(ENV_ID, "simple", render=False)
     env.reset(seed=0)
-    nes = env.unwrapped
+    nes = getattr(env, "gym_env", env).unwrapped  # on the 7.4 line, below shimmy, which guards private names
     buttons = np.random.default_rng(0).integers(0, 256, size=frames)
     start = time.perf_counter()
     for button in buttons:
