@@ -835,8 +835,9 @@ class StartStates(gym.Wrapper):
     as part of the reset (the emulator is deterministic, so the replay is the exact state; the steps after it are the
     episode). The start point lies back_steps agent steps before the furthest episode's end; once that episode reached
     the flag, it moves back by back_steps whenever at least half of the last `window` episodes from there reach it too,
-    down to the reset state. Below the no-op starts, which it records with the agent's actions.
-    reset(options={"start": k}) replays the first k steps instead."""
+    down to the reset state. Below the no-op starts, which it records with the agent's actions (after a replayed start,
+    info["start_step"] tells them to add none). reset(options={"start": k}) replays the first k steps instead. The
+    furthest episode and the start point live in the env worker: a resumed run begins them anew."""
 
     def __init__(self, env, p: float, back_steps: int = 50, window: int = 10):
         super().__init__(env)
@@ -844,19 +845,22 @@ class StartStates(gym.Wrapper):
         self.rng = np.random.default_rng()
         self.furthest_actions, self.furthest_x, self.furthest_cleared, self.start_point = [], -1, False, 0
         self.outcomes = deque(maxlen=window)  # of the episodes from start_point: further than the furthest, or the flag
-        self.actions, self.max_x, self.start = [], 0, 0
+        self.actions, self.max_x, self.start, self.ended = [], 0, 0, True
 
     def reset(self, *, seed=None, options=None):
+        if not self.ended:  # cut short above this wrapper (the stuck time-out): an episode that did not reach the flag
+            self.episode_ended(False)
         options = dict(options or {})
         start = options.pop("start", None)
         if seed is not None:
-            self.rng = np.random.default_rng(seed)
+            self.rng = np.random.default_rng([seed, 1])  # a stream of its own beside the other wrappers' seeded ones
         obs, info = self.env.reset(seed=seed, options=options or None)
         if start is None:
             start = self.start_point if self.start_point and self.rng.random() < self.p else 0
-        self.actions, self.max_x, self.start = [], info.get("x_pos", 0), start
+        self.actions, self.max_x, self.start, self.ended = [], info.get("x_pos", 0), start, False
         for action in self.furthest_actions[:start]:
             obs, _, _, _, info = self.step(action)
+        info["start_step"] = start
         return obs, info
 
     def step(self, action):
@@ -870,6 +874,7 @@ class StartStates(gym.Wrapper):
     def episode_ended(self, flag: bool):
         """A further episode (or the first to reach the flag) becomes the one to start along; once the furthest reached
         the flag, the start point moves back as the episodes from it reach the flag too."""
+        self.ended = True
         further = not self.furthest_cleared and (flag or self.max_x > self.furthest_x)
         if self.start and self.start == self.start_point:
             self.outcomes.append(further or flag)
@@ -897,7 +902,7 @@ class RandomGameRng(gym.Wrapper):
     def reset(self, *, seed=None, options=None):
         obs, info = self.env.reset(seed=seed, options=options)
         if seed is not None:
-            self.rng = np.random.default_rng(seed)
+            self.rng = np.random.default_rng([seed, 2])
         self.env.unwrapped.ram[self.ADDRESS:self.ADDRESS + self.SIZE] = self.rng.integers(1, 256, self.SIZE)
         return obs, info
 
@@ -913,7 +918,7 @@ class StickyActions(gym.Wrapper):
 
     def reset(self, *, seed=None, options=None):
         if seed is not None:
-            self.rng = np.random.default_rng(seed)
+            self.rng = np.random.default_rng([seed, 3])
         self.previous = 0
         return self.env.reset(seed=seed, options=options)
 
@@ -943,7 +948,7 @@ class NoopStart(gym.Wrapper):
         if seed is not None:
             self.rng = np.random.default_rng(seed)
         if noops is None:
-            noops = self.rng.integers(0, self.noop_max + 1)
+            noops = 0 if info.get("start_step") else self.rng.integers(0, self.noop_max + 1)
         for _ in range(noops):
             obs, _, terminated, truncated, info = self.env.step(0)  # action 0 is NOOP in every joypad set
             if terminated or truncated:
@@ -1535,6 +1540,9 @@ def validate_args(args: Args):
     if not 0 <= args.sticky_actions < 1 or not 0 <= args.start_states <= 1:
         fail(f"--sticky-actions must be in [0, 1) and --start-states in [0, 1], got {args.sticky_actions} and "
              f"{args.start_states}")
+    if args.start_states and not re.search(r"-\d-\d-v\d$", args.env_id):
+        fail(f"--start-states replays episodes of one stage; {args.env_id} is not a single stage "
+             "(use SuperMarioBros-<world>-<stage>-v<n>)")
     if args.start_states and args.random_game_rng:
         fail("--start-states replays episodes exactly, which a --random-game-rng written at each reset would change; "
              "pass one of them")
@@ -1593,8 +1601,8 @@ def given_env_id(argv: list[str]) -> str | None:
 
 
 def cli_args(argv: list[str] | None = None) -> Args:
-    """The command line. The defaults of the flags not given are those of the run at hand, and --help shows them: an
-    ALE/ id's (ATARI_DEFAULTS); with --resume or --fork, the checkpoint's Args, so a resumed or forked run keeps its
+    """The command line. The defaults of the flags not given are those of the run at hand: an ALE/ id's
+    (ATARI_DEFAULTS, which --help then shows); with --resume or --fork, the checkpoint's Args, so a resumed or forked run keeps its
     own save, device and video settings too (a forgotten --keep-checkpoints must not prune the checkpoints the run
     kept); with --eval-checkpoint, the checkpoint's env id and action set. Telling a given flag from one left out
     needs the command line itself, so it is parsed again with those defaults."""

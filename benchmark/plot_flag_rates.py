@@ -21,6 +21,7 @@ SHIPPED = {
     "1-2": ([("mario-1-2/noop30-pay-seed1.csv", 0)], 573_440),
     "1-3": ([("mario-1-3/gamma0.98-seed1.csv", 0), ("mario-1-3/gamma0.98-height1-seed1.csv", 655_360)], 1_515_520),
     "1-4": ([("mario-1-4/seed1.csv", 0)], 204_800),
+    "2-3 (not yet reliable)": ([("mario-2-3/noop30-seed1-rerun.csv", 0)], 1_032_192),
     "2-4": ([("mario-2-4/seed1.csv", 0), ("mario-2-4/noop30-seed1.csv", 385_024)], 614_400),
 }
 

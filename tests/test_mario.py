@@ -55,7 +55,6 @@ def test_env_factory_observations_and_action_sets(action_set, num_actions):
     env.close()
 
 
-@pytest.mark.skipif(is_gymnasium_native(), reason="the 9.x reward holds its own score, flag and death terms")
 def test_the_fast_observation_pipeline_shows_gymnasiums_picture_and_changes_nothing_else():
     # Gymnasium's own wrappers, in make_env's order, as the reference: the same episode of random actions through both
     # (3 lives of 1-1 with the stuck time-out off: deaths, a reset, and the final observations of an ended episode).
@@ -97,6 +96,7 @@ def test_the_fast_observation_pipeline_shows_gymnasiums_picture_and_changes_noth
     assert steps > 300 and largest_difference <= 2  # the same picture, to a grey level or two
 
 
+@pytest.mark.skipif(is_gymnasium_native(), reason="the 9.x reward holds its own score, flag and death terms")
 def test_reward_options_change_the_reward_as_documented():
     raw_env = make_env(Args(env_id=STAGE, flag_bonus=0, death_penalty=0, score_coef=0, reward_scale=1))()
     shaped_env = make_env(Args(env_id=STAGE, flag_bonus=50, death_penalty=30, score_coef=0.05, reward_scale=0.1))()
@@ -516,6 +516,10 @@ def test_evaluation_plays_the_checkpoints_own_stage_unless_another_is_given(tmp_
                      "--stuck-timeout", "20", "--video-path", str(tmp_path / "e.gif"))
     assert result.returncode == 0, result.stderr
     assert "SuperMarioBros-1-4-v0: 1 greedy episodes" in result.stdout
+    result = run_cli("--eval-checkpoint", os.path.join("models", "SuperMarioBros-1-4-v0.pt"), "--eval-episodes", "1",
+                     "--stuck-timeout", "20", "--env-id", "SuperMarioBros-1-1-v0", "--video-path", str(tmp_path / "e.gif"))
+    assert result.returncode == 0, result.stderr
+    assert "SuperMarioBros-1-1-v0: 1 greedy episodes" in result.stdout
 
 
 # ----------------------------------------------------------------------------------------------------------- bad input
@@ -530,6 +534,7 @@ def test_evaluation_plays_the_checkpoints_own_stage_unless_another_is_given(tmp_
     (["--eval-checkpoint", "/nonexistent.pt"], "no checkpoint at /nonexistent.pt"),
     (["--sticky-actions", "1"], "--sticky-actions must be in [0, 1) and --start-states in [0, 1], got 1.0 and 0.0"),
     (["--start-states", "0.5", "--random-game-rng"], "--start-states replays episodes exactly"),
+    (["--start-states", "0.5", "--env-id", "SuperMarioBros-v0"], "SuperMarioBros-v0 is not a single stage"),
 ])
 def test_bad_input_gets_one_clear_line(cli_args, message):
     result = run_cli(*cli_args)
@@ -590,7 +595,7 @@ def test_sticky_actions_repeat_the_previous_action_with_their_probability():
         env.step(int(action))
     # Written out: the wrapper's generator, seeded by reset(seed=0), draws once a step; a draw under p repeats the
     # action that reached the emulator before (NOOP at an episode's start).
-    repeats = np.random.default_rng(0).random(len(chosen)) < 0.25
+    repeats = np.random.default_rng([0, 3]).random(len(chosen)) < 0.25
     expected, previous = [], 0
     for action, repeat in zip(chosen, repeats):
         previous = previous if repeat else int(action)
@@ -603,13 +608,18 @@ def test_evaluation_never_uses_the_training_variety():
     agent, checkpoint = ppo_mario.load_for_evaluation(os.path.join(ROOT, "models", "SuperMarioBros-1-1-v0.pt"),
                                                       Args(), "cpu")
     plain = Args(env_id=STAGE, stuck_timeout=30)
-    varied = Args(env_id=STAGE, stuck_timeout=30, random_game_rng=True, sticky_actions=0.5, noop_max=30)
-    assert evaluate(agent, varied, "cpu", 1, noop_counts=[0]) == evaluate(agent, plain, "cpu", 1, noop_counts=[0])
+    # Two episodes: in training, the second would start from a state along the first (a clear) and be shorter.
+    for varied in (Args(env_id=STAGE, stuck_timeout=30, sticky_actions=0.5, start_states=1.0, noop_max=30),
+                   Args(env_id=STAGE, stuck_timeout=30, random_game_rng=True)):
+        assert evaluate(agent, varied, "cpu", 2, noop_counts=[0, 0]) == evaluate(agent, plain, "cpu", 2, noop_counts=[0, 0])
 
 
 def test_a_start_state_is_the_exact_state_of_the_furthest_episode_and_starts_a_fresh_episode():
-    # 2-3 with a fixed run-and-jump: Mario falls into the water after 94 steps, at x 674 (the 7.4 line).
-    env = make_env(Args(env_id="SuperMarioBros-2-3-v0", stuck_timeout=0, start_states=1.0))()
+    # 2-3 with a fixed run-and-jump after the no-op start: Mario falls into the water after ~94 steps.
+    env = make_env(Args(env_id="SuperMarioBros-2-3-v0", stuck_timeout=0, start_states=1.0, noop_max=30))()
+    start_states = env
+    while not isinstance(start_states, ppo_mario.StartStates):
+        start_states = start_states.env
 
     def play(first_step):
         """The rest of the episode from its step first_step: frames, the RAM after each step, infos."""
@@ -626,9 +636,11 @@ def test_a_start_state_is_the_exact_state_of_the_furthest_episode_and_starts_a_f
     env.reset(seed=0)
     frames, ram, infos = play(0)
     assert infos[-1]["episode"]["l"] == len(frames) > 60
+    noops = len(start_states.furthest_actions) - len(frames)  # recorded too: the replay starts from the reset state
 
     start = 40
-    obs, _ = env.reset(options={"start": start})
+    obs, info = env.reset(options={"start": noops + start})
+    assert info["start_step"] == noops + start  # and no no-ops after it
     np.testing.assert_array_equal(env.unwrapped.ram, ram[start - 1])  # the exact state: RAM and frame
     np.testing.assert_array_equal(obs[-1], frames[start - 1])
     rest, rest_ram, rest_infos = play(start)
@@ -636,6 +648,21 @@ def test_a_start_state_is_the_exact_state_of_the_furthest_episode_and_starts_a_f
     # A fresh episode: its statistics and progress count from the start state.
     assert rest_infos[-1]["episode"]["l"] == len(rest) == len(frames) - start
     assert rest_infos[0]["max_x_pos"] == infos[start]["x_pos"]
+    env.close()
+
+
+def test_an_episode_cut_short_by_the_stuck_time_out_counts_for_the_start_states():
+    env = make_env(Args(env_id=STAGE, stuck_timeout=10, start_states=1.0))()
+    start_states = env
+    while not isinstance(start_states, ppo_mario.StartStates):
+        start_states = start_states.env
+    env.reset(seed=0)
+    steps, truncated = 0, False
+    while not truncated:
+        _, _, _, truncated, _ = env.step(0)  # Mario stands still: the time-out above the wrapper ends the episode
+        steps += 1
+    env.reset()
+    assert len(start_states.furthest_actions) == steps and start_states.furthest_x >= 0
     env.close()
 
 
