@@ -490,6 +490,8 @@ def train(args: Args) -> str:
                      f"{run.checkpoint_path or 'none (none was written yet)'}; lower --learning-rate or --max-grad-norm")
             iteration += 1
             global_step += batch_size
+            save_now = iteration % args.save_interval == 0 or iteration == num_iterations
+            curricula = start_state_curricula(envs, args) if save_now else []  # every rank's envs, gathered on rank 0
             if is_main:
                 y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
                 stats["explained_variance"] = np.nan if np.var(y_true) == 0 else 1 - np.var(y_true - y_pred) / np.var(y_true)
@@ -505,9 +507,9 @@ def train(args: Args) -> str:
                 eta = elapsed / (iteration - start_iteration) * (num_iterations - iteration)
                 print(progress_line(iteration, num_iterations, global_step, sps, rollout_sps, recent, elapsed, eta),
                       flush=True)
-                if iteration % args.save_interval == 0 or iteration == num_iterations:
+                if save_now:
                     run.checkpoint_path = save_checkpoint(run.run_dir, agent, optimizer, args, global_step, iteration,
-                                                          envs)
+                                                          envs, curricula)
                     print(f"saved {run.checkpoint_path}", flush=True)
             if stop.agreed(device):  # a signal arrived during the update
                 break
@@ -837,7 +839,8 @@ class StartStates(gym.Wrapper):
     the flag, it moves back by back_steps whenever at least half of the last `window` episodes from there reach it too,
     down to the reset state. Below the no-op starts, which it records with the agent's actions (after a replayed start,
     info["start_step"] tells them to add none). reset(options={"start": k}) replays the first k steps instead. The
-    furthest episode and the start point live in the env worker: a resumed run begins them anew."""
+    furthest episode and the start point (`curriculum`) live in the env worker; checkpoints keep them, so a resumed
+    run goes on from where its envs were."""
 
     def __init__(self, env, p: float, back_steps: int = 50, window: int = 10):
         super().__init__(env)
@@ -870,6 +873,20 @@ class StartStates(gym.Wrapper):
         if terminated or truncated:
             self.episode_ended(bool(info["flag_get"]))
         return obs, reward, terminated, truncated, info
+
+    @property
+    def curriculum(self) -> dict:
+        """The furthest episode, the start point and the outcomes from it, as plain types a checkpoint keeps."""
+        return {"furthest_actions": [int(a) for a in self.furthest_actions], "furthest_x": int(self.furthest_x),
+                "furthest_cleared": bool(self.furthest_cleared), "start_point": int(self.start_point),
+                "outcomes": [bool(o) for o in self.outcomes]}
+
+    @curriculum.setter
+    def curriculum(self, state: dict):
+        self.furthest_actions, self.furthest_x = list(state["furthest_actions"]), state["furthest_x"]
+        self.furthest_cleared, self.start_point = state["furthest_cleared"], state["start_point"]
+        self.outcomes.clear()
+        self.outcomes.extend(state["outcomes"])
 
     def episode_ended(self, flag: bool):
         """A further episode (or the first to reach the flag) becomes the one to start along; once the furthest reached
@@ -1024,6 +1041,14 @@ class EnvGroups:
     def reset(self, seed: int):
         return np.concatenate([group.reset(seed=seed + envs.start)[0] for group, envs in zip(self.groups, self.slices)])
 
+    def get_curricula(self) -> list[dict]:
+        """Each env's StartStates curriculum, in env order (between steps: none may be pending)."""
+        return [curriculum for group in self.groups for curriculum in group.get_attr("curriculum")]
+
+    def set_curricula(self, curricula: list[dict]):
+        for group, envs in zip(self.groups, self.slices):
+            group.set_attr("curriculum", curricula[envs])
+
     def send(self, g: int, actions: np.ndarray):
         """Start group g's step (in its worker processes, for an AsyncVectorEnv)."""
         if isinstance(self.groups[g], gym.vector.AsyncVectorEnv):
@@ -1119,6 +1144,9 @@ def restore_training_state(run: Run, agent: Agent, optimizer, envs: EnvGroups, b
         if args.resume:
             iteration = checkpoint["iteration"]
             set_rng_states(checkpoint["rng"])
+            curricula = checkpoint.get("start_states") or []  # none before checkpoints kept them: they begin anew
+            if args.start_states and curricula:
+                envs.set_curricula(curricula[run.rank * args.num_envs:(run.rank + 1) * args.num_envs])
             if is_main:
                 print(f"resuming {run.run_dir} at iteration {iteration}, step {global_step}")
         else:
@@ -1166,9 +1194,11 @@ def finish_run(run: Run, agent: Agent, optimizer, envs: EnvGroups, stop: "Gracef
         if not stop.requested:
             check_ranks_agree(agent, run.device)
         dist.barrier()  # no rank tears the process group down while another still uses it
+    curricula = start_state_curricula(envs, run.args) if stop.requested else []
     if run.rank == 0 and stop.requested and (run.checkpoint_path is None
                                              or not run.checkpoint_path.endswith(f"step_{global_step:010d}.pt")):
-        run.checkpoint_path = save_checkpoint(run.run_dir, agent, optimizer, run.args, global_step, iteration, envs)
+        run.checkpoint_path = save_checkpoint(run.run_dir, agent, optimizer, run.args, global_step, iteration, envs,
+                                              curricula)
         print(f"saved {run.checkpoint_path}", flush=True)
 
 
@@ -1206,6 +1236,14 @@ def seed_everything(seed: int, torch_deterministic: bool):
     torch.backends.cudnn.deterministic = torch_deterministic
 
 
+def start_state_curricula(envs: EnvGroups, args: Args) -> list[dict]:
+    """With --start-states, every env's curriculum, torchrun ranks in order, on rank 0 (a collective: all ranks call
+    it); otherwise none."""
+    if not args.start_states:
+        return []
+    return [curriculum for _, curriculum in gather_to_main(envs.get_curricula())]
+
+
 def get_rng_states() -> dict:
     """Python, numpy and torch generator states, as types torch.load(weights_only=True) accepts."""
     name, key, pos, has_gauss, cached_gauss = np.random.get_state()
@@ -1223,9 +1261,11 @@ def set_rng_states(states: dict):
         torch.cuda.set_rng_state(state, index)
 
 
-def save_checkpoint(run_dir: str, agent: Agent, optimizer, args: Args, global_step: int, iteration: int, envs) -> str:
+def save_checkpoint(run_dir: str, agent: Agent, optimizer, args: Args, global_step: int, iteration: int, envs,
+                    curricula: list[dict]) -> str:
     """Write <run_dir>/checkpoints/step_<global_step>.pt atomically (a crash never leaves a half-written file under
-    that name), then delete all but the newest keep_checkpoints."""
+    that name), then delete all but the newest keep_checkpoints. `curricula`: every env's start-state curriculum
+    (see start_state_curricula)."""
     checkpoint = {
         "model": agent.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -1238,6 +1278,7 @@ def save_checkpoint(run_dir: str, agent: Agent, optimizer, args: Args, global_st
         "action_set": args.action_set,
         "obs_shape": list(envs.single_observation_space.shape),
         "num_actions": int(envs.single_action_space.n),
+        "start_states": curricula,
     }
     path = os.path.join(run_dir, "checkpoints", f"step_{global_step:010d}.pt")
     torch.save(checkpoint, f"{path}.tmp")

@@ -218,6 +218,30 @@ def test_checkpoints_hold_the_whole_state_and_only_the_newest_are_kept(tmp_path)
     assert checkpoint["args"]["total_timesteps"] == 640
 
 
+def test_a_resumed_run_goes_on_with_its_envs_start_state_curricula(tmp_path):
+    assert run_cli("--total-timesteps", "384", "--save-interval", "1", "--start-states", "1", "--runs-dir",
+                   str(tmp_path), *TINY_RUN).returncode == 0
+    run_dir = only_run_dir(tmp_path)
+    path = os.path.join(run_dir, "checkpoints", "step_0000000256.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    keys = {"furthest_actions", "furthest_x", "furthest_cleared", "start_point", "outcomes"}
+    assert [set(curriculum) for curriculum in checkpoint["start_states"]] == [keys, keys]  # one per env
+    os.remove(os.path.join(run_dir, "checkpoints", "step_0000000384.pt"))
+    # Curricula no episode of the resumed run can replace (their furthest episodes reached the flag), one per env.
+    curricula = [{"furthest_actions": [1] * 30 + [0] * 10, "furthest_x": 3000 + env, "furthest_cleared": True,
+                  "start_point": 20 + env, "outcomes": [True, False]} for env in range(2)]
+    checkpoint["start_states"] = curricula
+    torch.save(checkpoint, path)
+
+    result = run_cli("--resume", run_dir)
+    assert result.returncode == 0, result.stderr
+    resumed = torch.load(os.path.join(run_dir, "checkpoints", "step_0000000384.pt"), weights_only=True)
+    for saved, now in zip(curricula, resumed["start_states"], strict=True):
+        assert now["outcomes"][:2] == saved["outcomes"]  # 64 steps from step 20 add at most a few episodes
+        del now["outcomes"], saved["outcomes"]
+        assert now == saved
+
+
 def test_kill_9_loses_at_most_one_save_interval_and_the_run_goes_on_from_there(tmp_path):
     process = start_cli("--total-timesteps", "1000000", "--save-interval", "2", "--runs-dir", str(tmp_path), *TINY_RUN)
     lines = [process.stdout.readline() for _ in range(8)]

@@ -39,7 +39,7 @@ def events(run_dir):
 
 @pytest.mark.parametrize("script, args, batch, episodes_per_rank_at_least", [
     ("ppo_mario.py", ["--total-timesteps", "512", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2",
-                      "--update-epochs", "1", "--stuck-timeout", "10", "--save-interval", "2"], 128, 2),
+                      "--update-epochs", "1", "--stuck-timeout", "10", "--save-interval", "2", "--start-states", "1"], 128, 2),
 ])
 def test_two_gloo_ranks_train_in_lockstep_and_only_rank_0_writes(tmp_path, script, args, batch, episodes_per_rank_at_least):
     result = torchrun(script, *args, "--runs-dir", str(tmp_path))
@@ -60,6 +60,8 @@ def test_two_gloo_ranks_train_in_lockstep_and_only_rank_0_writes(tmp_path, scrip
     checkpoints = sorted(os.listdir(run_dir / "checkpoints"))
     final = torch.load(run_dir / "checkpoints" / checkpoints[-1], weights_only=True)
     assert final["global_step"] == iterations * 2 * batch and final["iteration"] == iterations
+    # The start-state curricula of both ranks' envs, gathered on rank 0: every env had episodes (the stuck time-out).
+    assert len(final["start_states"]) == 4 and all(c["furthest_actions"] for c in final["start_states"])
 
 
 @pytest.mark.parametrize("module", ["ppo_mario"])
