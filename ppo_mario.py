@@ -1335,15 +1335,21 @@ RESUME_FLAGS = ("resume", "cuda", "save_interval", "keep_checkpoints", "capture_
 
 
 def saved_args(saved: dict) -> Args:
-    """The Args a checkpoint holds."""
-    return Args(**{f.name: saved[f.name] for f in fields(Args) if f.name in saved})
+    """The Args a checkpoint holds; an option it predates has its env id's default (see missing_options)."""
+    return replace(default_args(saved["env_id"]), **{f.name: saved[f.name] for f in fields(Args) if f.name in saved})
+
+
+def missing_options(saved: dict) -> list[str]:
+    """The options a checkpoint's Args lack (it was written before they existed), RESUME_FLAGS aside."""
+    return [f.name for f in fields(Args) if f.name not in saved and f.name not in RESUME_FLAGS + ("fork",)]
 
 
 def resumed_args(args: Args, saved: dict) -> Args:
-    """The Args a resumed run goes on with: the checkpoint's, but RESUME_FLAGS as `args` holds them. From the command
-    line, `args` holds the run's saved values for the flags not given (see cli_args)."""
+    """The Args a resumed run goes on with: the checkpoint's, but RESUME_FLAGS, and the options the checkpoint
+    predates, as `args` holds them. From the command line, `args` holds the run's saved values for the flags not given
+    (see cli_args)."""
     resumed = saved_args(saved)
-    for name in RESUME_FLAGS:
+    for name in RESUME_FLAGS + tuple(missing_options(saved)):
         setattr(resumed, name, getattr(args, name))
     return resumed
 
@@ -1660,11 +1666,15 @@ def cli_args(argv: list[str] | None = None) -> Args:
         checkpoint = load_training_checkpoint(newest_checkpoint(args.resume), int(os.environ.get("WORLD_SIZE", "1")))
     else:
         checkpoint = load_checkpoint(args.fork)
-    saved = saved_args(checkpoint["args"])
+    saved, missing = saved_args(checkpoint["args"]), missing_options(checkpoint["args"])
     given = tyro.cli(Args, args=argv, default=replace(saved, resume=None, fork=None))
+    if missing:
+        values = ", ".join(f"--{name.replace('_', '-')} {getattr(given, name)}" for name in missing)
+        print(f"warning: {args.resume or args.fork} was written before these options existed; the run goes on with "
+              f"{values} (give a flag to choose another value)", file=sys.stderr)
     if args.resume:
         for f in fields(Args):
-            if f.name not in RESUME_FLAGS + ("fork",) and getattr(given, f.name) != getattr(saved, f.name):
+            if f.name not in RESUME_FLAGS + ("fork",) + tuple(missing) and getattr(given, f.name) != getattr(saved, f.name):
                 print(f"warning: --{f.name.replace('_', '-')} {getattr(given, f.name)} ignored: the resumed run keeps "
                       f"{getattr(saved, f.name)}", file=sys.stderr)
     return given

@@ -218,6 +218,25 @@ def test_checkpoints_hold_the_whole_state_and_only_the_newest_are_kept(tmp_path)
     assert checkpoint["args"]["total_timesteps"] == 640
 
 
+def test_a_checkpoint_written_before_an_option_existed_says_so_and_a_given_flag_sets_it(tmp_path):
+    assert run_cli("--total-timesteps", "384", "--save-interval", "1", "--runs-dir", str(tmp_path),
+                   *TINY_RUN).returncode == 0
+    run_dir = only_run_dir(tmp_path)
+    path = os.path.join(run_dir, "checkpoints", "step_0000000256.pt")
+    os.remove(os.path.join(run_dir, "checkpoints", "step_0000000384.pt"))
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["args"]["sticky_actions"], checkpoint["args"]["pay_skipped_ground"]  # as an older version wrote it
+    torch.save(checkpoint, path)
+
+    result = run_cli("--resume", run_dir, "--no-pay-skipped-ground")
+    assert result.returncode == 0, result.stderr
+    assert (f"warning: {run_dir} was written before these options existed; the run goes on with --sticky-actions 0.0, "
+            "--pay-skipped-ground False (give a flag to choose another value)") in result.stderr
+    assert "ignored" not in result.stderr
+    resumed = torch.load(os.path.join(run_dir, "checkpoints", "step_0000000384.pt"), weights_only=True)["args"]
+    assert resumed["pay_skipped_ground"] is False and resumed["sticky_actions"] == 0.0
+
+
 def test_a_resumed_run_goes_on_with_its_envs_start_state_curricula(tmp_path):
     assert run_cli("--total-timesteps", "384", "--save-interval", "1", "--start-states", "1", "--runs-dir",
                    str(tmp_path), *TINY_RUN).returncode == 0
