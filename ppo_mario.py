@@ -1640,44 +1640,45 @@ def main(args: Args):
     return train(args)
 
 
-def given_env_id(argv: list[str]) -> str | None:
-    """The --env-id on the command line, if any."""
+def given_flags(argv: list[str]) -> argparse.Namespace:
+    """--env-id and the checkpoint paths on the command line, read before the full parse: they decide its defaults."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--env-id", "--env_id")
-    return parser.parse_known_args(argv)[0].env_id
+    for name in ("env_id", "resume", "fork", "eval_checkpoint"):
+        parser.add_argument(f"--{name.replace('_', '-')}", f"--{name}")
+    return parser.parse_known_args(argv)[0]
 
 
 def cli_args(argv: list[str] | None = None) -> Args:
-    """The command line. The defaults of the flags not given are those of the run at hand: an ALE/ id's
-    (ATARI_DEFAULTS, which --help then shows); with --resume or --fork, the checkpoint's Args, so a resumed or forked run keeps its
+    """The command line. The defaults of the flags not given (and those --help shows) are those of the run at hand:
+    an ALE/ id's (ATARI_DEFAULTS); with --resume or --fork, the checkpoint's Args, so a resumed or forked run keeps its
     own save, device and video settings too (a forgotten --keep-checkpoints must not prune the checkpoints the run
-    kept); with --eval-checkpoint, the checkpoint's env id and action set. Telling a given flag from one left out
-    needs the command line itself, so it is parsed again with those defaults."""
+    kept); with --eval-checkpoint, the checkpoint's env id and action set."""
     argv = sys.argv[1:] if argv is None else argv
-    env_id = given_env_id(argv)
-    args = tyro.cli(Args, args=argv, default=default_args(env_id or Args.env_id))
-    if args.eval_checkpoint is not None:
-        checkpoint = load_checkpoint(args.eval_checkpoint)
-        defaults = replace(default_args(env_id or checkpoint["env_id"]), action_set=checkpoint["action_set"])
-        return tyro.cli(Args, args=argv, default=defaults)
-    if bool(args.resume) == bool(args.fork):
-        return args  # neither, or both (main refuses that in one line)
-    if args.resume:  # refused here, before any warning, if it cannot be resumed
-        checkpoint = load_training_checkpoint(newest_checkpoint(args.resume), int(os.environ.get("WORLD_SIZE", "1")))
-    else:
-        checkpoint = load_checkpoint(args.fork)
-    saved, missing = saved_args(checkpoint["args"]), missing_options(checkpoint["args"])
-    given = tyro.cli(Args, args=argv, default=replace(saved, resume=None, fork=None))
+    given = given_flags(argv)
+    defaults, saved, missing = default_args(given.env_id or Args.env_id), None, []
+    if given.eval_checkpoint is not None:
+        checkpoint = load_checkpoint(given.eval_checkpoint)
+        defaults = replace(default_args(given.env_id or checkpoint["env_id"]), action_set=checkpoint["action_set"])
+    elif bool(given.resume) != bool(given.fork):  # (both: main refuses that in one line)
+        if given.resume:  # refused here, before any warning, if it cannot be resumed
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            checkpoint = load_training_checkpoint(newest_checkpoint(given.resume), world_size)
+        else:
+            checkpoint = load_checkpoint(given.fork)
+        saved, missing = saved_args(checkpoint["args"]), missing_options(checkpoint["args"])
+        defaults = replace(saved, resume=None, fork=None)
+    args = tyro.cli(Args, args=argv, default=defaults)
     if missing:
-        values = ", ".join(f"--{name.replace('_', '-')} {getattr(given, name)}" for name in missing)
-        print(f"warning: {args.resume or args.fork} was written before these options existed; the run goes on with "
+        values = ", ".join(f"--{name.replace('_', '-')} {getattr(args, name)}" for name in missing)
+        print(f"warning: {given.resume or given.fork} was written before these options existed; the run goes on with "
               f"{values} (give a flag to choose another value)", file=sys.stderr)
-    if args.resume:
+    if saved and given.resume:
         for f in fields(Args):
-            if f.name not in RESUME_FLAGS + ("fork",) + tuple(missing) and getattr(given, f.name) != getattr(saved, f.name):
-                print(f"warning: --{f.name.replace('_', '-')} {getattr(given, f.name)} ignored: the resumed run keeps "
+            changeable = f.name in RESUME_FLAGS + ("fork",) + tuple(missing)
+            if not changeable and getattr(args, f.name) != getattr(saved, f.name):
+                print(f"warning: --{f.name.replace('_', '-')} {getattr(args, f.name)} ignored: the resumed run keeps "
                       f"{getattr(saved, f.name)}", file=sys.stderr)
-    return given
+    return args
 
 
 if __name__ == "__main__":

@@ -168,6 +168,13 @@ def test_a_plain_resume_keeps_the_runs_save_settings_and_a_flag_given_wins(tmp_p
     for step in (512, 640, 768):
         os.remove(os.path.join(run_dir, "checkpoints", f"step_{step:010d}.pt"))
 
+    # --help shows the run's own values as the defaults.
+    result = run_cli("--resume", run_dir, "--help")
+    assert result.returncode == 0, result.stderr
+    help_text = " ".join(result.stdout.replace("│", " ").split())
+    assert "how many of the newest checkpoints to keep (default: 100)" in help_text
+    assert "steps per environment per rollout (default: 64)" in help_text
+
     result = run_cli("--resume", run_dir)  # with the defaults, it would save only at the end and keep 3
     assert result.returncode == 0, result.stderr
     assert checkpoint_steps(run_dir) == [128 * i for i in range(1, 7)]
