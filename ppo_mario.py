@@ -1190,13 +1190,14 @@ def finish_run(run: Run, agent: Agent, optimizer, envs: EnvGroups, stop: "Gracef
                iteration: int):
     """After the loop: under torchrun, check that the ranks agree; on a signal, checkpoint the last complete iteration
     unless that checkpoint exists already."""
+    stopping = stop.agreed(run.device)  # every rank asks: a signal that came after the loop's last check counts too
+    if run.world_size > 1 and not stopping:
+        check_ranks_agree(agent, run.device)
+    curricula = start_state_curricula(envs, run.args) if stopping else []
     if run.world_size > 1:
-        if not stop.requested:
-            check_ranks_agree(agent, run.device)
         dist.barrier()  # no rank tears the process group down while another still uses it
-    curricula = start_state_curricula(envs, run.args) if stop.requested else []
-    if run.rank == 0 and stop.requested and (run.checkpoint_path is None
-                                             or not run.checkpoint_path.endswith(f"step_{global_step:010d}.pt")):
+    if run.rank == 0 and stopping and (run.checkpoint_path is None
+                                       or not run.checkpoint_path.endswith(f"step_{global_step:010d}.pt")):
         run.checkpoint_path = save_checkpoint(run.run_dir, agent, optimizer, run.args, global_step, iteration, envs,
                                               curricula)
         print(f"saved {run.checkpoint_path}", flush=True)
@@ -1347,7 +1348,7 @@ def missing_options(saved: dict) -> list[str]:
 def resumed_args(args: Args, saved: dict) -> Args:
     """The Args a resumed run goes on with: the checkpoint's, but RESUME_FLAGS, and the options the checkpoint
     predates, as `args` holds them. From the command line, `args` holds the run's saved values for the flags not given
-    (see cli_args)."""
+    and its env id's defaults for the options it predates (see cli_args)."""
     resumed = saved_args(saved)
     for name in RESUME_FLAGS + tuple(missing_options(saved)):
         setattr(resumed, name, getattr(args, name))
@@ -1641,11 +1642,16 @@ def main(args: Args):
 
 
 def given_flags(argv: list[str]) -> argparse.Namespace:
-    """--env-id and the checkpoint paths on the command line, read before the full parse: they decide its defaults."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for name in ("env_id", "resume", "fork", "eval_checkpoint"):
+    """--env-id and the checkpoint paths on the command line, read before the full parse: they decide its defaults.
+    A malformed one is left to the full parse to report."""
+    names = ("env_id", "resume", "fork", "eval_checkpoint")
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    for name in names:
         parser.add_argument(f"--{name.replace('_', '-')}", f"--{name}")
-    return parser.parse_known_args(argv)[0]
+    try:
+        return parser.parse_known_args(argv)[0]
+    except argparse.ArgumentError:
+        return argparse.Namespace(**dict.fromkeys(names))
 
 
 def cli_args(argv: list[str] | None = None) -> Args:
@@ -1668,6 +1674,8 @@ def cli_args(argv: list[str] | None = None) -> Args:
         saved, missing = saved_args(checkpoint["args"]), missing_options(checkpoint["args"])
         defaults = replace(saved, resume=None, fork=None)
     args = tyro.cli(Args, args=argv, default=defaults)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return args  # under torchrun, rank 0 alone warns
     if missing:
         values = ", ".join(f"--{name.replace('_', '-')} {getattr(args, name)}" for name in missing)
         print(f"warning: {given.resume or given.fork} was written before these options existed; the run goes on with "

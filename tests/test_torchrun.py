@@ -64,6 +64,29 @@ def test_two_gloo_ranks_train_in_lockstep_and_only_rank_0_writes(tmp_path, scrip
     assert len(final["start_states"]) == 4 and all(c["furthest_actions"] for c in final["start_states"])
 
 
+def test_a_resumed_torchrun_run_gives_each_rank_its_own_envs_start_state_curricula(tmp_path):
+    args = ["--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2", "--update-epochs", "1", "--stuck-timeout",
+            "10", "--start-states", "1", "--runs-dir", str(tmp_path)]
+    assert torchrun("ppo_mario.py", "--total-timesteps", "256", *args).returncode == 0
+    (run_dir,) = tmp_path.iterdir()
+    path = run_dir / "checkpoints" / "step_0000000256.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    # Four curricula no episode can replace (their furthest episodes reached the flag), each env's its own: rank 0's
+    # envs first. One more iteration to go.
+    curricula = [{"furthest_actions": [1] * 30 + [env] * 10, "furthest_x": 3000 + env, "furthest_cleared": True,
+                  "start_point": 20 + env, "outcomes": [True]} for env in range(4)]
+    checkpoint["start_states"], checkpoint["args"]["total_timesteps"] = curricula, 512
+    torch.save(checkpoint, path)
+
+    result = torchrun("ppo_mario.py", "--resume", str(run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = torch.load(run_dir / "checkpoints" / "step_0000000512.pt", weights_only=True)["start_states"]
+    for saved, now in zip(curricula, resumed, strict=True):
+        assert now["outcomes"][:1] == saved["outcomes"]  # 64 steps add at most 6 episodes: the start point stays
+        del now["outcomes"], saved["outcomes"]
+        assert now == saved
+
+
 @pytest.mark.parametrize("module", ["ppo_mario"])
 def test_target_kl_early_stop_is_decided_jointly(tmp_path, module):
     # Rank 0's batch records logprobs 1 above the policy's (approx KL (e^-1 - 1) + 1 = 0.37 from the first minibatch),
