@@ -102,7 +102,8 @@ class Args:
     otherwise every start gives the same enemy pattern (such as flying fish) and a policy can learn those by heart"""
     start_states: float = 0.0
     """start this share of training episodes from a state along the furthest episode the env has played (replayed from
-    the reset state), first near its end, then further back as episodes from there get past it (Backplay)"""
+    the reset state), first near its end, then further back as episodes from there get past it (Backplay); the
+    training curves include those episodes, and mario/episode_start_step tells them apart (0: from the reset state)"""
     sticky_actions: float = 0.0
     """in training, repeat the previous action instead of the chosen one with this probability at each agent step
     (Machado et al. 2018), so that a policy cannot rely on an exact sequence of inputs"""
@@ -292,13 +293,13 @@ class Rollout:
         return cls(obs=obs, actions=torch.zeros(shape, dtype=torch.long, device=device), **tensors)
 
 
-EPISODE_KEYS = ("x_pos", "max_x_pos", "flag_get", "world", "stage", "furthest_stage")
+EPISODE_KEYS = ("x_pos", "max_x_pos", "flag_get", "world", "stage", "furthest_stage", "start_step")
 
 
 def collect_rollout(envs: "EnvGroups", agent, rollout: Rollout, next_obs, device, stop=None):
     """Fill `rollout` by stepping `envs` from `next_obs`. Returns the observation to continue from and the finished
     episodes as (step index, {"return", "length", and for Mario x_pos, max_x_pos, flag_get, world, stage,
-    furthest_stage}).
+    furthest_stage, and with --start-states start_step}).
     Returns early, with the rollout incomplete, once `stop` is requested.
 
     Each pass acts for every group in turn and sends it stepping, after storing the outcome of that group's previous
@@ -838,7 +839,8 @@ class StartStates(gym.Wrapper):
     episode). The start point lies back_steps agent steps before the furthest episode's end; once that episode reached
     the flag, it moves back by back_steps whenever at least half of the last `window` episodes from there reach it too,
     down to the reset state. Below the no-op starts, which it records with the agent's actions (after a replayed start,
-    info["start_step"] tells them to add none). reset(options={"start": k}) replays the first k steps instead. The
+    info["start_step"] tells them to add none; every step's info carries it, so the logs tell the episodes from a start
+    state apart). reset(options={"start": k}) replays the first k steps instead. The
     furthest episode and the start point (`curriculum`) live in the env worker; checkpoints keep them, so a resumed
     run goes on from where its envs were."""
 
@@ -868,6 +870,7 @@ class StartStates(gym.Wrapper):
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
+        info["start_step"] = self.start
         self.actions.append(action)
         self.max_x = max(self.max_x, info["x_pos"])
         if terminated or truncated:
@@ -1228,6 +1231,8 @@ def log_episodes(writer, episodes, global_step: int, num_envs: int, world_size: 
             writer.add_scalar("mario/max_x_pos", episode["max_x_pos"], at_step)
             writer.add_scalar("mario/episode_flag_get", float(episode["flag_get"]), at_step)
             writer.add_scalar("mario/furthest_stage", episode["furthest_stage"], at_step)
+            if "start_step" in episode:  # --start-states: 0 from the reset state, else the replayed steps
+                writer.add_scalar("mario/episode_start_step", episode["start_step"], at_step)
 
 
 def seed_everything(seed: int, torch_deterministic: bool):

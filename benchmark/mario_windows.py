@@ -12,6 +12,12 @@ its `mario/episode_flag_get`; runs from before that tag existed give the flag's 
     python benchmark/mario_windows.py runs/<run> --ends 2500000 3000000    # where the last 500k steps' misses stopped
     python benchmark/mario_windows.py benchmark/mario-2-3/<probe>/* --csv benchmark/mario-2-3/<probe>.csv
 
+Runs with --start-states log each episode's start step: the table then also counts the episodes that began from a
+start state and their mean start step (how far along the furthest episode the curriculum starts), and --from-reset
+keeps only the episodes from the reset state, the ones evaluation plays.
+
+    python benchmark/mario_windows.py runs/<run> --from-reset
+
 --csv writes the rows of every run given to one file, a `run` column telling them apart, under one comment line per
 run with its first flag and last episode step: the summary kept in the tree of a run whose events are not.
 """
@@ -27,8 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tbcurves import load_curve  # noqa: E402
 
 
-def load_episodes(run_dir: str, flag_x: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each training episode's end step, max x_pos and whether it reached the flag, from a run's events."""
+def load_episodes(run_dir: str, flag_x: int | None = None,
+                  from_reset: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Each training episode's end step, max x_pos, whether it reached the flag and (runs with --start-states, else
+    None) its start step, from a run's events; with from_reset only the episodes that began at the reset state."""
     max_x = load_curve(run_dir, "mario/max_x_pos")
     if max_x is None:
         sys.exit(f"error: {run_dir} has no mario/max_x_pos events; give the directory of a Mario run")
@@ -40,16 +48,25 @@ def load_episodes(run_dir: str, flag_x: int | None = None) -> tuple[np.ndarray, 
     else:
         sys.exit(f"error: {run_dir} has no mario/episode_flag_get events (an older run); "
                  f"give the stage's flag position with --flag-x (3161 on 1-1)")
-    # A run still writing its events can end between an episode's tags: keep the episodes both tags have.
-    episodes = min(len(max_x.values), len(cleared))
-    return max_x.steps[:episodes], max_x.values[:episodes], cleared[:episodes]
+    start_steps = load_curve(run_dir, "mario/episode_start_step")
+    starts = None if start_steps is None else start_steps.values
+    # A run still writing its events can end between an episode's tags: keep the episodes all its tags have.
+    episodes = min(len(max_x.values), len(cleared), len(max_x.values) if starts is None else len(starts))
+    steps, max_x, cleared = max_x.steps[:episodes], max_x.values[:episodes], cleared[:episodes]
+    if starts is not None:
+        starts = starts[:episodes]
+        if from_reset:
+            keep = starts == 0
+            steps, max_x, cleared, starts = steps[keep], max_x[keep], cleared[keep], None
+    return steps, max_x, cleared, starts
 
 
-def episode_windows(run_dir: str, window: int, flag_x: int | None = None,
-                    past: int | None = None) -> tuple[list[dict], int | None]:
+def episode_windows(run_dir: str, window: int, flag_x: int | None = None, past: int | None = None,
+                    from_reset: bool = False) -> tuple[list[dict], int | None]:
     """One row per window of `window` agent steps (episodes ending in (start, end]) and the step of the first flag;
-    with `past`, each row also counts the episodes whose max x_pos went beyond it."""
-    steps, max_x, cleared = load_episodes(run_dir, flag_x)
+    with `past`, each row also counts the episodes whose max x_pos went beyond it; for a run with start states, the
+    episodes from one and their mean start step (with from_reset: only the episodes from the reset state)."""
+    steps, max_x, cleared, starts = load_episodes(run_dir, flag_x, from_reset)
     rows, last = [], int(steps[-1])
     for start in range(0, last, window):
         end = min(start + window, last)
@@ -61,6 +78,10 @@ def episode_windows(run_dir: str, window: int, flag_x: int | None = None,
                          "furthest_x_pos": float(max_x[in_window].max())})
             if past is not None:
                 rows[-1]["past"] = int((max_x[in_window] > past).sum())
+            if starts is not None:
+                from_start = starts[in_window][starts[in_window] > 0]
+                rows[-1]["from_start_states"] = len(from_start)
+                rows[-1]["mean_start_step"] = float(from_start.mean()) if len(from_start) else 0.0
     first_flag = int(steps[np.argmax(cleared)]) if cleared.any() else None
     return rows, first_flag
 
@@ -83,11 +104,11 @@ def run_name(run_dir: str) -> str:
     return os.path.basename(os.path.normpath(run_dir))
 
 
-def where_misses_ended(run_dir: str, start: int, end: int, flag_x: int | None = None,
-                       bin_width: int = 50) -> tuple[int, int, list[tuple[int, int]]]:
+def where_misses_ended(run_dir: str, start: int, end: int, flag_x: int | None = None, bin_width: int = 50,
+                       from_reset: bool = False) -> tuple[int, int, list[tuple[int, int]]]:
     """Of the episodes ending in steps (start, end]: how many, how many without the flag, and the max x_pos of those
     (each rounded down to its bin of `bin_width`) as (bin, count), the most common first: the walls of a run."""
-    steps, max_x, cleared = load_episodes(run_dir, flag_x)
+    steps, max_x, cleared, _ = load_episodes(run_dir, flag_x, from_reset)
     in_span = (steps > start) & (steps <= end)
     missed = max_x[in_span & ~cleared]
     bins, counts = np.unique((missed // bin_width * bin_width).astype(int), return_counts=True)
@@ -104,25 +125,30 @@ def main(argv=None):
     parser.add_argument("--ends", type=int, nargs=2, metavar=("START", "END"),
                         help="also tell where the episodes ending in steps (START, END] without the flag stopped")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows of all runs given to this CSV file")
+    parser.add_argument("--from-reset", action="store_true",
+                        help="a run with --start-states: only the episodes that began at the reset state")
     args = parser.parse_args(argv)
 
     runs = []
     past = "" if args.past is None else f" past x {args.past} |"
     for run_dir in args.run_dirs:
-        rows, first_flag = episode_windows(run_dir, args.window, args.flag_x, args.past)
+        rows, first_flag = episode_windows(run_dir, args.window, args.flag_x, args.past, args.from_reset)
         runs.append((run_dir, rows, first_flag))
         if len(args.run_dirs) > 1:
             print(f"\n{run_name(run_dir)}:")
-        print(f"| steps | episodes | mean max x_pos | furthest x_pos | flag rate |{past}")
-        print("|-|-|-|-|-|" + ("-|" if past else ""))
+        starts = bool(rows) and "from_start_states" in rows[0]
+        print(f"| steps | episodes | mean max x_pos | furthest x_pos | flag rate |{past}"
+              + (" from a start state | mean start step |" if starts else ""))
+        print("|-|-|-|-|-|" + ("-|" if past else "") + ("-|-|" if starts else ""))
         for row in rows:
             print(f"| {row['start'] / 1000:g}k-{row['end'] / 1000:g}k | {row['episodes']} | "
                   f"{row['mean_max_x_pos']:.0f} | {row['furthest_x_pos']:.0f} | {row['flag_rate']:.0%} |"
-                  + (f" {row['past']} |" if past else ""))
+                  + (f" {row['past']} |" if past else "")
+                  + (f" {row['from_start_states']} | {row['mean_start_step']:.0f} |" if starts else ""))
         print("first flag: " + (f"step {first_flag:,}" if first_flag is not None else "none yet"))
         if args.ends:
             start, end = args.ends
-            episodes, missed, heaps = where_misses_ended(run_dir, start, end, args.flag_x)
+            episodes, missed, heaps = where_misses_ended(run_dir, start, end, args.flag_x, from_reset=args.from_reset)
             print(f"steps {start:,}-{end:,}: {episodes} episodes ended, {missed} without the flag; their max x_pos in "
                   "bins of 50 (bin: episodes), the largest heaps first: "
                   + ", ".join(f"{x}: {n}" for x, n in heaps[:10]))

@@ -14,6 +14,7 @@ from gymnasium.vector import AutoresetMode
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ppo_mario
+from benchmark import mario_windows
 from ppo_mario import (Agent, Args, EnvGroups, Rollout, TrackProgress, action_labels, collect_rollout,
                        draw_action_probs, evaluate, is_gymnasium_native, make_env, play_episode)
 
@@ -648,7 +649,28 @@ def test_a_start_state_is_the_exact_state_of_the_furthest_episode_and_starts_a_f
     # A fresh episode: its statistics and progress count from the start state.
     assert rest_infos[-1]["episode"]["l"] == len(rest) == len(frames) - start
     assert rest_infos[0]["max_x_pos"] == infos[start]["x_pos"]
+    # Every step tells where its episode began, so the logs can tell the two kinds of episode apart.
+    assert {i["start_step"] for i in infos} == {0} and {i["start_step"] for i in rest_infos} == {noops + start}
     env.close()
+
+
+def test_a_run_with_start_states_logs_where_each_episode_began(tmp_path):
+    result = run_cli("--total-timesteps", "640", "--runs-dir", str(tmp_path), "--stuck-timeout", "20",
+                     "--start-states", "1", *TINY_RUN)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = tmp_path.iterdir()
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    starts = events.Scalars("mario/episode_start_step")
+    lengths = events.Scalars("charts/episodic_length")
+    assert [e.step for e in starts] == [e.step for e in lengths]  # one per episode
+    # Each env's first episode begins at the reset state; with --start-states 1 the later ones 50 steps (back_steps)
+    # before the end of a longer episode played earlier (with Mario still moving, the furthest).
+    assert starts[0].value == starts[1].value == 0
+    later = [(i, start.value) for i, start in enumerate(starts) if start.value > 0]
+    assert later and all(start + 50 in {e.value for e in lengths[:i]} for i, start in later)
+    from_reset = mario_windows.load_episodes(str(run_dir), from_reset=True)
+    assert len(from_reset[0]) == sum(e.value == 0 for e in starts)
 
 
 def test_an_episode_cut_short_by_the_stuck_time_out_counts_for_the_start_states():

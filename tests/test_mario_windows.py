@@ -87,3 +87,18 @@ def test_the_csv_holds_each_runs_rows_and_first_flag(tmp_path):
     for column in ["flag_rate", "mean_max_x_pos", "furthest_x_pos"]:
         assert [float(row[column]) for row in table] == [pytest.approx(row[column]) for row in expected]
     assert float(table[0]["mean_max_x_pos"]) == pytest.approx(1780.5)
+
+
+def test_a_run_with_start_states_counts_them_and_can_keep_only_the_episodes_from_the_reset_state(tmp_path):
+    write_episodes(tmp_path, EPISODES)
+    writer = SummaryWriter(str(tmp_path))
+    for (step, *_), start in zip(EPISODES, [0, 120, 0, 80, 0]):
+        writer.add_scalar("mario/episode_start_step", start, step)
+    writer.close()
+    [(_, rows, first_flag)] = mario_windows.main([str(tmp_path), "--window", "100"])
+    assert [(r["from_start_states"], r["mean_start_step"]) for r in rows] == [(1, 120), (0, 0), (1, 80)]
+    assert first_flag == 100
+    [(_, rows, first_flag)] = mario_windows.main([str(tmp_path), "--window", "100", "--from-reset"])
+    assert [(r["episodes"], r["flag_rate"]) for r in rows] == [(1, 0.0), (1, 0.0), (1, 0.0)]  # both flags were from one
+    assert first_flag is None and "from_start_states" not in rows[0]
+    assert mario_windows.where_misses_ended(str(tmp_path), 0, 300, from_reset=True)[:2] == (3, 3)
