@@ -1338,6 +1338,8 @@ def load_training_checkpoint(path: str, world_size: int) -> dict:
 # what it learns. Every other flag comes from the checkpoint, so the run goes on as it started (same batch, same
 # learning-rate schedule, same total).
 RESUME_FLAGS = ("resume", "cuda", "save_interval", "keep_checkpoints", "capture_video", "video_interval")
+# Those and the checkpoint a run was forked from: flags no checkpoint decides for a resumed run.
+PER_PROCESS_FLAGS = RESUME_FLAGS + ("fork",)
 
 
 def saved_args(saved: dict) -> Args:
@@ -1347,7 +1349,7 @@ def saved_args(saved: dict) -> Args:
 
 def missing_options(saved: dict) -> list[str]:
     """The options a checkpoint's Args lack (it was written before they existed), RESUME_FLAGS aside."""
-    return [f.name for f in fields(Args) if f.name not in saved and f.name not in RESUME_FLAGS + ("fork",)]
+    return [f.name for f in fields(Args) if f.name not in saved and f.name not in PER_PROCESS_FLAGS]
 
 
 def resumed_args(args: Args, saved: dict) -> Args:
@@ -1687,7 +1689,7 @@ def cli_args(argv: list[str] | None = None) -> Args:
               f"{values} (give a flag to choose another value)", file=sys.stderr)
     if saved and given.resume:
         for f in fields(Args):
-            changeable = f.name in RESUME_FLAGS + ("fork",) + tuple(missing)
+            changeable = f.name in PER_PROCESS_FLAGS + tuple(missing)
             if not changeable and getattr(args, f.name) != getattr(saved, f.name):
                 print(f"warning: --{f.name.replace('_', '-')} {getattr(args, f.name)} ignored: the resumed run keeps "
                       f"{getattr(saved, f.name)}", file=sys.stderr)
