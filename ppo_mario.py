@@ -211,7 +211,8 @@ def make_env(args: Args, render: bool = False):
         # Gymnasium's MaxAndSkipObservation, but copying nes-py's frames channel by channel: 5x faster for its screen.
         env = MaxAndSkip(env, skip=FRAMES_PER_STEP)
         if args.start_states:
-            env = StartStates(env, args.start_states)
+            env = StartStates(env, args.start_states, lambda: MaxAndSkip(make_mario_base_env(args.env_id, args.action_set,
+                                                                                           render), skip=FRAMES_PER_STEP))
         if args.random_game_rng:
             env = RandomGameRng(env)
         if args.noop_max:
@@ -663,6 +664,12 @@ def joypad_actions(action_set: str) -> list[list[str]]:
     return {"right_only": actions.RIGHT_ONLY, "simple": actions.SIMPLE_MOVEMENT, "complex": actions.COMPLEX_MOVEMENT}[action_set]
 
 
+def nes_emulator(env):
+    """nes-py's NESEnv under make_mario_base_env's env (on the 7.4 line inside shimmy's adapter for the old gym API)."""
+    inner = env.unwrapped
+    return getattr(inner, "gym_env", inner).unwrapped
+
+
 def make_mario_base_env(env_id: str, action_set: str, render: bool):
     """The emulator with a Discrete joypad action space, as a gymnasium env (frames are 240x256x3 uint8)."""
     gym_super_mario_bros = import_smb()
@@ -834,23 +841,27 @@ def lives_left(life_counter: int) -> int:
 
 class StartStates(gym.Wrapper):
     """Start states along the env's own furthest episode (Backplay, Resnick et al. 2018; Salimans & Chen 2018): with
-    probability p an episode starts after the first `start_point` steps of that episode, replayed from the reset state
-    as part of the reset (the emulator is deterministic, so the replay is the exact state; the steps after it are the
+    probability p an episode starts after the first `start_point` steps of that episode (the steps after it are the
     episode). The start point lies back_steps agent steps before the furthest episode's end; once that episode reached
     the flag, it moves back by back_steps whenever at least half of the last `window` episodes from there reach it too,
     down to the reset state. Below the no-op starts, which it records with the agent's actions (after a replayed start,
     info["start_step"] tells them to add none; every step's info carries it, so the logs tell the episodes from a start
-    state apart). reset(options={"start": k}) replays the first k steps instead. The
-    furthest episode and the start point (`curriculum`) live in the env worker; checkpoints keep them, so a resumed
-    run goes on from where its envs were."""
+    state apart). reset(options={"start": k}) starts after the first k steps instead. The furthest episode and the start
+    point (`curriculum`) live in the env worker; checkpoints keep them, so a resumed run goes on from where its envs were.
 
-    def __init__(self, env, p: float, back_steps: int = 50, window: int = 10):
+    The start state is exact: a second emulator (from make_start_env) replays the furthest episode's first steps from
+    the reset state once per start point (the emulator is deterministic) and keeps that state in nes-py's backup slot,
+    which its reset restores. Replaying at every reset instead would stall the env's group for seconds each time."""
+
+    def __init__(self, env, p: float, make_start_env, back_steps: int = 50, window: int = 10):
         super().__init__(env)
         self.p, self.back_steps = p, back_steps
         self.rng = np.random.default_rng()
         self.furthest_actions, self.furthest_x, self.furthest_cleared, self.start_point = [], -1, False, 0
         self.outcomes = deque(maxlen=window)  # of the episodes from start_point: further than the furthest, or the flag
         self.actions, self.max_x, self.start, self.ended = [], 0, 0, True
+        self.reset_env, self.make_start_env = env, make_start_env
+        self.start_env, self.start_env_holds, self.start_state = None, (None, 0), None
 
     def reset(self, *, seed=None, options=None):
         if not self.ended:  # cut short above this wrapper (the stuck time-out): an episode that did not reach the flag
@@ -859,14 +870,38 @@ class StartStates(gym.Wrapper):
         start = options.pop("start", None)
         if seed is not None:
             self.rng = np.random.default_rng([seed, 1])  # a stream of its own beside the other wrappers' seeded ones
-        obs, info = self.env.reset(seed=seed, options=options or None)
         if start is None:
             start = self.start_point if self.start_point and self.rng.random() < self.p else 0
-        self.actions, self.max_x, self.start, self.ended = [], info.get("x_pos", 0), start, False
-        for action in self.furthest_actions[:start]:
-            obs, _, _, _, info = self.step(action)
+        if start:
+            self.env = self.start_env_at(start)
+            self.env.reset()  # restores the backup: the state after the first `start` steps
+            obs, info, self.max_x = self.start_state
+            obs, info = obs.copy(), dict(info)
+            self.actions = list(self.furthest_actions[:start])
+        else:
+            self.env = self.reset_env
+            obs, info = self.env.reset(seed=seed, options=options or None)
+            self.actions, self.max_x = [], info.get("x_pos", 0)
+        self.start, self.ended = start, False
         info["start_step"] = start
         return obs, info
+
+    def start_env_at(self, start: int):
+        """The second emulator with the state after the furthest episode's first `start` steps in its backup slot, and
+        (self.start_state) the observation, info and furthest x of those steps."""
+        held_actions, held_start = self.start_env_holds
+        if held_actions is not self.furthest_actions or held_start != start:
+            if self.start_env is not None:
+                self.start_env.close()
+            self.start_env = self.make_start_env()
+            obs, info = self.start_env.reset()
+            max_x = info.get("x_pos", 0)
+            for action in self.furthest_actions[:start]:
+                obs, _, _, _, info = self.start_env.step(action)
+                max_x = max(max_x, info["x_pos"])
+            nes_emulator(self.start_env)._backup()
+            self.start_env_holds, self.start_state = (self.furthest_actions, start), (obs, info, max_x)
+        return self.start_env
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
@@ -876,6 +911,11 @@ class StartStates(gym.Wrapper):
         if terminated or truncated:
             self.episode_ended(bool(info["flag_get"]))
         return obs, reward, terminated, truncated, info
+
+    def close(self):
+        if self.start_env is not None:
+            self.start_env.close()
+        self.reset_env.close()
 
     @property
     def curriculum(self) -> dict:

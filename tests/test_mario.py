@@ -689,7 +689,8 @@ def test_an_episode_cut_short_by_the_stuck_time_out_counts_for_the_start_states(
 
 
 def test_start_states_move_back_once_episodes_from_there_reach_the_flag():
-    env = ppo_mario.StartStates(ppo_mario.make_mario_base_env(STAGE, "right_only", render=False), 1.0, back_steps=10,
+    env = ppo_mario.StartStates(ppo_mario.make_mario_base_env(STAGE, "right_only", render=False), 1.0,
+                                lambda: ppo_mario.make_mario_base_env(STAGE, "right_only", render=False), back_steps=10,
                                 window=4)
 
     def episode(start, length, max_x, flag):
