@@ -206,13 +206,14 @@ def make_env(args: Args, render: bool = False):
                 env = FireReset(env)
             env = gym.wrappers.TransformReward(env, lambda r: float(np.sign(r)))
             return gym.wrappers.FrameStackObservation(env, 4)
-        env = make_mario_base_env(args.env_id, args.action_set, render)
-        # Repeat each action 4 frames; the observation is the max of the last two (sprites flicker between frames).
-        # Gymnasium's MaxAndSkipObservation, but copying nes-py's frames channel by channel: 5x faster for its screen.
-        env = MaxAndSkip(env, skip=FRAMES_PER_STEP)
+        def emulator():
+            # Repeat each action 4 frames; the observation is the max of the last two (sprites flicker between
+            # frames). Gymnasium's MaxAndSkipObservation, but copying nes-py's frames channel by channel: 5x faster.
+            return MaxAndSkip(make_mario_base_env(args.env_id, args.action_set, render), skip=FRAMES_PER_STEP)
+
+        env = emulator()
         if args.start_states:
-            env = StartStates(env, args.start_states, lambda: MaxAndSkip(make_mario_base_env(args.env_id, args.action_set,
-                                                                                           render), skip=FRAMES_PER_STEP))
+            env = StartStates(env, args.start_states, make_start_env=emulator)  # its second emulator, the same stack
         if args.random_game_rng:
             env = RandomGameRng(env)
         if args.noop_max:
@@ -1271,7 +1272,7 @@ def log_episodes(writer, episodes, global_step: int, num_envs: int, world_size: 
             writer.add_scalar("mario/max_x_pos", episode["max_x_pos"], at_step)
             writer.add_scalar("mario/episode_flag_get", float(episode["flag_get"]), at_step)
             writer.add_scalar("mario/furthest_stage", episode["furthest_stage"], at_step)
-            if "start_step" in episode:  # --start-states: 0 from the reset state, else the replayed steps
+            if "start_step" in episode:  # --start-states: 0 at the reset state, else the step it began after
                 writer.add_scalar("mario/episode_start_step", episode["start_step"], at_step)
 
 

@@ -51,7 +51,7 @@ def load_episodes(run_dir: str, flag_x: int | None = None,
     start_steps = load_curve(run_dir, "mario/episode_start_step")
     starts = None if start_steps is None else start_steps.values
     # A run still writing its events can end between an episode's tags: keep the episodes all its tags have.
-    episodes = min(len(max_x.values), len(cleared), len(max_x.values) if starts is None else len(starts))
+    episodes = min(len(max_x.values), len(cleared), *([] if starts is None else [len(starts)]))
     steps, max_x, cleared = max_x.steps[:episodes], max_x.values[:episodes], cleared[:episodes]
     if starts is not None:
         starts = starts[:episodes]
