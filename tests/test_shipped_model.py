@@ -16,11 +16,14 @@ def model_path(stage: str) -> str:
 MODEL = model_path("1-1")
 
 
-@pytest.mark.parametrize("stage", ["1-1", "1-2", "1-3", "1-4", "2-3", "2-4"])
-def test_shipped_model_is_a_small_evaluation_file(stage):
+# Each shipped model (2-1 and 2-3 marked as not yet reliable in the README) with the action set its README command trains.
+@pytest.mark.parametrize("stage, action_set", [("1-1", "right_only"), ("1-2", "right_only"), ("1-3", "right_only"),
+                                               ("1-4", "right_only"), ("2-1", "simple"), ("2-3", "right_only"),
+                                               ("2-4", "right_only")])
+def test_shipped_model_is_a_small_evaluation_file(stage, action_set):
     path = os.path.join(ROOT, model_path(stage))
     model = torch.load(path, weights_only=True)
-    assert model["env_id"] == f"SuperMarioBros-{stage}-v0" and model["action_set"] == "right_only"
+    assert model["env_id"] == f"SuperMarioBros-{stage}-v0" and model["action_set"] == action_set
     assert "optimizer" not in model and os.path.getsize(path) < 10 * 2**20
 
 
