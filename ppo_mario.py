@@ -845,7 +845,8 @@ class StartStates(gym.Wrapper):
     probability p an episode starts after the first `start_point` steps of that episode (the steps after it are the
     episode). The start point lies back_steps agent steps before the furthest episode's end; once that episode reached
     the flag, it moves back by back_steps whenever at least half of the last `window` episodes from there reach it too,
-    down to the reset state. Below the no-op starts, which it records with the agent's actions (after a replayed start,
+    down to the reset state; before that, also when none of `window` episodes from there got further (the end of an
+    episode that died may be a state no play survives). Below the no-op starts, which it records with the agent's actions (after a replayed start,
     info["start_step"] tells them to add none; every step's info carries it, so the logs tell the episodes from a start
     state apart). reset(options={"start": k}) starts after the first k steps instead. The furthest episode and the start
     point (`curriculum`) live in the env worker; checkpoints keep them, so a resumed run goes on from where its envs were.
@@ -934,7 +935,8 @@ class StartStates(gym.Wrapper):
 
     def episode_ended(self, flag: bool):
         """A further episode (or the first to reach the flag) becomes the one to start along; once the furthest reached
-        the flag, the start point moves back as the episodes from it reach the flag too."""
+        the flag, the start point moves back as the episodes from it reach the flag too; before, when none from it got
+        further."""
         self.ended = True
         further = not self.furthest_cleared and (flag or self.max_x > self.furthest_x)
         if self.start and self.start == self.start_point:
@@ -943,7 +945,8 @@ class StartStates(gym.Wrapper):
             self.furthest_actions, self.furthest_x, self.furthest_cleared = self.actions, self.max_x, flag
             self.start_point = max(0, len(self.actions) - self.back_steps)
             self.outcomes.clear()
-        elif len(self.outcomes) == self.outcomes.maxlen and np.mean(self.outcomes) >= 0.5:
+        elif len(self.outcomes) == self.outcomes.maxlen and (np.mean(self.outcomes) >= 0.5 or not (
+                self.furthest_cleared or any(self.outcomes))):
             self.start_point = max(0, self.start_point - self.back_steps)
             self.outcomes.clear()
 

@@ -702,7 +702,17 @@ def test_start_states_move_back_once_episodes_from_there_reach_the_flag():
     episode(90, 120, 450, False)
     episode(0, 80, 400, False)
     assert env.start_point == 90 and len(env.furthest_actions) == 100  # neither went further
-    episode(90, 150, 800, True)  # further, and the flag: the new episode to start along
+    for _ in range(2):
+        episode(90, 95, 490, False)
+    assert env.start_point == 90  # 3 episodes from there, none further (the one from the reset state does not count)
+    episode(90, 95, 490, False)
+    assert env.start_point == 80  # a full window from a start that no play got past: back by 10 steps
+    for _ in range(4):
+        episode(80, 95, 490, False)
+    assert env.start_point == 70
+    episode(70, 120, 510, False)  # further: its end is the new frontier
+    assert (env.start_point, env.furthest_x) == (110, 510)
+    episode(110, 150, 800, True)  # further, and the flag: the new episode to start along
     assert (env.start_point, env.furthest_cleared) == (140, True)
     for flag in (True, False, True):
         episode(140, 150, 800, flag)
@@ -711,5 +721,5 @@ def test_start_states_move_back_once_episodes_from_there_reach_the_flag():
     assert env.start_point == 130  # 2 of 4 from there reached the flag: back by 10 steps
     for _ in range(4):
         episode(130, 150, 800, False)
-    assert env.start_point == 130
+    assert env.start_point == 130  # along an episode that cleared, a start is not given up
     env.close()
