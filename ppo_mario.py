@@ -94,6 +94,10 @@ class Args:
     action_set: Literal["right_only", "simple", "complex"] = "right_only"
     """joypad button combinations the agent picks from: right_only (5, no step to the left), simple (7), complex (12);
     in evaluation, the checkpoint's"""
+    previous_action: bool = False
+    """show the policy the previous agent step's action as one more observation channel: Mario jumps (or swims a
+    stroke) only when A is pressed anew, and frames cannot tell a held A from a released one, so without it a greedy
+    policy can stand at a pipe pressing A for ever; in evaluation, the checkpoint's"""
     noop_max: int = 0
     """start each training episode after 0..noop_max random no-op steps (not counted in the episode), so that enemies
     and platforms meet the agent at a different phase each time"""
@@ -228,7 +232,8 @@ def make_env(args: Args, render: bool = False):
         # Gymnasium's GrayscaleObservation + ResizeObservation(84, 84), with the grayscale in OpenCV: numpy's took ~4 ms
         # a step, a third of the time spent above the emulator.
         env = GrayResize(env, 84)
-        return gym.wrappers.FrameStackObservation(env, 4)
+        env = gym.wrappers.FrameStackObservation(env, 4)
+        return PreviousAction(env, env.action_space.n) if args.previous_action else env
     return thunk
 
 
@@ -880,6 +885,7 @@ class StartStates(gym.Wrapper):
             obs, info, self.max_x = self.start_state
             obs, info = obs.copy(), dict(info)
             self.actions = list(self.furthest_actions[:start])
+            info["previous_action"] = self.actions[-1]  # the replay's last, which the game's RAM remembers as held
         else:
             self.env = self.reset_env
             obs, info = self.env.reset(seed=seed, options=options or None)
@@ -990,7 +996,34 @@ class StickyActions(gym.Wrapper):
         if self.rng.random() < self.p:
             action = self.previous
         self.previous = action
-        return self.env.step(action)
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info["executed_action"] = action
+        return obs, reward, terminated, truncated, info
+
+
+class PreviousAction(gym.Wrapper):
+    """Appends the action of the previous agent step to the frame stack as one more uint8 channel: the rows of band i
+    (of num_actions equal bands) lit for action i. The action is the one the game executed (a sticky repeat, or the
+    last of a replayed start state, when a wrapper below says so in info); NOOP at an episode's start."""
+
+    def __init__(self, env, num_actions: int):
+        super().__init__(env)
+        channels, height, width = env.observation_space.shape
+        self.observation_space = gym.spaces.Box(0, 255, (channels + 1, height, width), np.uint8)
+        self.bands = np.zeros((num_actions, 1, height, width), np.uint8)
+        for action in range(num_actions):
+            self.bands[action, 0, action * height // num_actions:(action + 1) * height // num_actions] = 255
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return self.with_action(obs, info.get("previous_action", 0)), info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return self.with_action(obs, info.get("executed_action", action)), reward, terminated, truncated, info
+
+    def with_action(self, obs, action) -> np.ndarray:
+        return np.concatenate([obs, self.bands[int(action)]])
 
 
 class NoopStart(gym.Wrapper):
@@ -1183,7 +1216,8 @@ def restore_training_state(run: Run, agent: Agent, optimizer, envs: EnvGroups, b
         if not args.resume:
             check_fits(checkpoint, args.fork, list(envs.single_observation_space.shape),
                        int(envs.single_action_space.n), args.env_id,
-                       f"keep its --action-set ({checkpoint['action_set']}) and an --env-id of the same kind")
+                       f"keep its --action-set ({checkpoint['action_set']}) and --previous-action setting, and an --env-id of "
+                       "the same kind")
         agent.load_state_dict(checkpoint["model"])  # copied onto the device's tensors
         if "optimizer" in checkpoint:  # an evaluation-only model forks with a fresh optimizer
             optimizer.load_state_dict(checkpoint["optimizer"])  # moved to the parameters' device by torch
@@ -1575,6 +1609,7 @@ def load_for_evaluation(path: str, args: Args, device, env_id: str | None = None
     checkpoint = load_checkpoint(path, device)
     args.env_id = env_id or checkpoint["env_id"]
     args.action_set = checkpoint["action_set"]
+    args.previous_action = checkpoint["args"].get("previous_action", False)  # the observation it was trained on
     check_env_id(args.env_id)
     env = make_env(args)()
     agent = load_agent(checkpoint, path, list(env.observation_space.shape), int(env.action_space.n),
@@ -1661,8 +1696,8 @@ def validate_args(args: Args):
 
 
 # Settings that only the Mario envs read, and of those the reward terms the 9.x package line's own reward replaces.
-MARIO_ONLY = ("action_set", "start_states", "random_game_rng", "sticky_actions", "stuck_timeout", "flag_bonus", "death_penalty", "score_coef", "reward_scale",
-              "pay_skipped_ground", "height_coef")
+MARIO_ONLY = ("action_set", "previous_action", "start_states", "random_game_rng", "sticky_actions", "stuck_timeout",
+              "flag_bonus", "death_penalty", "score_coef", "reward_scale", "pay_skipped_ground", "height_coef")
 REWARD_TERMS = ("flag_bonus", "death_penalty", "score_coef", "pay_skipped_ground", "height_coef")
 
 

@@ -723,3 +723,71 @@ def test_start_states_move_back_once_episodes_from_there_reach_the_flag():
         episode(130, 150, 800, False)
     assert env.start_point == 130  # along an episode that cleared, a start is not given up
     env.close()
+
+
+def action_band(action: int, num_actions: int) -> np.ndarray:
+    """The previous-action channel for `action`: the rows of its band of num_actions equal bands lit."""
+    band = np.zeros((84, 84), np.uint8)
+    band[action * 84 // num_actions:(action + 1) * 84 // num_actions] = 255
+    return band
+
+
+def test_previous_action_bands_cover_the_rows_once():
+    for num_actions in (5, 7, 12):
+        assert (sum(action_band(a, num_actions) // 255 for a in range(num_actions)) == 1).all()
+
+
+def test_the_previous_action_channel_shows_what_the_game_executed():
+    # With sticky actions the game sometimes repeats the previous action instead of the chosen one. Replaying the
+    # actions the channel showed on a plain env must give the same frames: the channel tells what the game did.
+    shown_env = make_env(Args(env_id=STAGE, previous_action=True, sticky_actions=0.5, stuck_timeout=0))()
+    plain_env = make_env(Args(env_id=STAGE, stuck_timeout=0))()
+    obs, _ = shown_env.reset(seed=0)
+    plain_obs, _ = plain_env.reset(seed=0)
+    assert obs.shape == (5, 84, 84) and shown_env.observation_space.shape == (5, 84, 84)
+    np.testing.assert_array_equal(obs[4], action_band(0, 5))  # NOOP at the start
+    np.testing.assert_array_equal(obs[:4], plain_obs)
+    rng = np.random.default_rng(0)
+    chosen_differs = 0
+    for _ in range(120):
+        action = int(rng.integers(5))
+        obs, _, terminated, truncated, _ = shown_env.step(action)
+        (shown,) = [a for a in range(5) if (obs[4] == action_band(a, 5)).all()]
+        chosen_differs += shown != action
+        plain_obs, _, plain_terminated, plain_truncated, _ = plain_env.step(shown)
+        np.testing.assert_array_equal(obs[:4], plain_obs)
+        assert (terminated, truncated) == (plain_terminated, plain_truncated)
+        if terminated or truncated:
+            break
+    assert chosen_differs > 10  # the sticky repeats were shown, not the choices
+    shown_env.close()
+    plain_env.close()
+
+
+def test_a_start_state_shows_the_last_replayed_action():
+    env = make_env(Args(env_id=STAGE, previous_action=True, start_states=1.0, stuck_timeout=0))()
+    env.reset(seed=0)
+    actions = [1, 2, 3, 4] * 10
+    for action in actions:
+        env.step(action)
+    obs, info = env.reset(options={"start": 31})  # the unfinished episode is the furthest: start after its 31 steps
+    assert info["start_step"] == 31
+    np.testing.assert_array_equal(obs[4], action_band(actions[30], 5))
+    env.close()
+
+
+def test_a_run_with_the_previous_action_trains_and_its_checkpoint_plays_with_it(tmp_path):
+    result = run_cli("--total-timesteps", "256", "--runs-dir", str(tmp_path), "--stuck-timeout", "20",
+                     "--previous-action", *TINY_RUN)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = tmp_path.iterdir()
+    checkpoint = torch.load(run_dir / "checkpoints" / "step_0000000256.pt", weights_only=True)
+    assert checkpoint["obs_shape"] == [5, 84, 84] and checkpoint["args"]["previous_action"] is True
+    result = run_cli("--eval-checkpoint", str(run_dir), "--eval-episodes", "1", "--stuck-timeout", "20",
+                     "--video-path", str(tmp_path / "eval.gif"))  # the checkpoint's observation, not the default
+    assert result.returncode == 0, result.stderr
+    assert f"{STAGE}: 1 greedy episodes" in result.stdout
+    # A model trained without the channel cannot fork into a run with it: one line says so.
+    result = run_cli("--fork", os.path.join(ROOT, "models", "SuperMarioBros-1-1-v0.pt"), "--previous-action",
+                     "--runs-dir", str(tmp_path / "fork"), *TINY_RUN)
+    assert result.returncode != 0 and "--previous-action" in result.stderr and "Traceback" not in result.stderr
