@@ -542,7 +542,8 @@ def train(args: Args) -> str:
 def play_episode(agent: Agent, env, device, seed: int | None, generator: torch.Generator | None = None,
                  labels: list[str] | None = None, options: dict | None = None) -> tuple[dict, list[np.ndarray]]:
     """One whole episode from env.reset(seed=seed, options=options) (for Atari, a whole game: play goes on after a
-    lost life), greedy, or sampled with `generator`. Returns the last info and, given action labels, one video frame
+    lost life), greedy, or sampled with `generator`. Returns the last info, with "truncated" (whether the episode was
+    cut short: for Mario, by the stuck time-out), and, given action labels, one video frame
     per action: the screen the action was chosen on (the reset screen first) with that choice's probabilities drawn
     above it."""
     obs, _ = env.reset(seed=seed, options=options)
@@ -555,7 +556,7 @@ def play_episode(agent: Agent, env, device, seed: int | None, generator: torch.G
             frames.append(draw_action_probs(np.array(env.render()), probs.cpu().numpy(), labels, action))
         obs, _, terminated, truncated, info = env.step(action)
         if "episode" in info:
-            return info, frames
+            return {**info, "truncated": truncated}, frames
         if terminated or truncated:  # Atari: a life lost ended the learner's episode, not the game
             obs, _ = env.reset()
 
@@ -564,8 +565,8 @@ def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | 
              noop_counts: list[int] | None = None) -> list[dict]:
     """Play whole episodes, greedy unless args.eval_sample, each after a random number of no-op steps (up to
     eval_noop_max) so that greedy episodes differ, or, given noop_counts, one episode after each of those counts
-    (episodes is then len(noop_counts)). Returns {"return", "length", "x_pos", "flag_get", "furthest_stage"} per
-    episode; the first episode goes to video_path with the action probabilities drawn above the frames."""
+    (episodes is then len(noop_counts)). Returns {"return", "length", "x_pos", "flag_get", "furthest_stage",
+    "truncated"} per episode; the first episode goes to video_path with the action probabilities drawn above it."""
     # Evaluation plays the game as it is: no training-only variety (start states, random game RNG, sticky actions).
     env = make_env(replace(args, noop_max=args.eval_noop_max, random_game_rng=False, sticky_actions=0.0,
                            start_states=0.0), render=video_path is not None)()
@@ -582,7 +583,7 @@ def evaluate(agent: Agent, args: Args, device, episodes: int, video_path: str | 
             write_video(frames, video_path)
         results.append({"return": float(info["episode"]["r"]), "length": int(info["episode"]["l"]),
                         "x_pos": float(info.get("x_pos", np.nan)), "flag_get": bool(info.get("flag_get", False)),
-                        "furthest_stage": info.get("furthest_stage")})
+                        "furthest_stage": info.get("furthest_stage"), "truncated": info["truncated"]})
     env.close()
     return results
 

@@ -6,7 +6,8 @@ draws actions from the policy instead, as in training: the policy's own clear ra
 starts every episode from the reset state, as training does by default, where greedy episodes are all the same).
 The emulator is deterministic, so a greedy episode depends only on its no-op count: --all-starts plays one episode
 from each count 0..--noop-max instead, the exact greedy clear rate over every start the random draws can give. Prints
-a table (step, clear rate, mean x_pos) and the first step whose clear rate reaches --target; for a run directory also
+a table (step, clear rate, mean x_pos, and how many episodes the stuck time-out ended: a policy that stands still,
+such as a greedy one pressing a held jump button at a pipe) and the first step whose clear rate reaches --target; for a run directory also
 writes clear_rate.csv and clear_rate.png beside its checkpoints (clear_rate_sampled.* with --sample,
 clear_rate_all_starts.* with --all-starts, *_noopN.* with another --noop-max). --export writes the newest checkpoint
 that reached the target as a model file for evaluation only (the weights and what evaluation needs; no optimizer, no
@@ -47,7 +48,8 @@ def clear_rate(path: str, episodes: int, seed: int, sample: bool = False, noop_m
     row = {"path": path, "step": checkpoint["global_step"], "episodes": len(results),
            "clear_rate": float(np.mean([r["flag_get"] for r in results])),
            "mean_x_pos": float(np.mean([r["x_pos"] for r in results])),
-           "mean_return": float(np.mean([r["return"] for r in results]))}
+           "mean_return": float(np.mean([r["return"] for r in results])),
+           "stuck_time_outs": sum(r["truncated"] for r in results)}
     if all_starts:
         row["failed_noops"] = " ".join(str(noops) for noops, r in zip(noop_counts, results) if not r["flag_get"])
     return row
@@ -115,15 +117,15 @@ def main():
         start = f"one after each of 0-{args.noop_max} no-ops"
     else:
         start = f"after 0-{args.noop_max} no-ops" if args.noop_max else "from the reset state"
-    print(f"| checkpoint | step | {mode} episodes {start} | cleared | mean x_pos | mean return |"
+    print(f"| checkpoint | step | {mode} episodes {start} | cleared | mean x_pos | mean return | stuck time-outs |"
           + " failed after (no-ops) |" * args.all_starts)
-    print("|-|-|-|-|-|-|" + "-|" * args.all_starts)
+    print("|-|-|-|-|-|-|-|" + "-|" * args.all_starts)
     rows = []
     for path in checkpoints:
         row = clear_rate(path, args.episodes, args.seed, args.sample, args.noop_max, args.all_starts)
         rows.append(row)
         print(f"| {os.path.basename(path)} | {row['step']:,} | {row['episodes']} | {row['clear_rate']:.0%} | "
-              f"{row['mean_x_pos']:.0f} | {row['mean_return']:.1f} |"
+              f"{row['mean_x_pos']:.0f} | {row['mean_return']:.1f} | {row['stuck_time_outs']} |"
               + f" {row.get('failed_noops') or 'none'} |" * args.all_starts, flush=True)
 
     reached = [row for row in rows if row["clear_rate"] >= args.target]

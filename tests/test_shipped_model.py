@@ -71,7 +71,16 @@ def test_clear_rate_benchmark_plays_each_start_once(tmp_path):
     assert "| step_0001146880.pt | 1,146,880 | 3 | 100% |" in result.stdout and result.stdout.count("| none |") == 1
     with open(tmp_path / "clear_rate_all_starts_noop2.csv") as f:
         (row,) = csv.DictReader(f)
-    assert (row["episodes"], row["failed_noops"]) == ("3", "")
+    assert (row["episodes"], row["failed_noops"], row["stuck_time_outs"]) == ("3", "", "0")
+
+
+def test_clear_rate_benchmark_counts_the_episodes_the_stuck_time_out_ended():
+    # 2-1's model, not yet reliable, stands at a tall pipe pressing a held jump button until the time-out.
+    result = run_script("benchmark/mario_clear_rate.py", model_path("2-1"), "--all-starts", "--noop-max", "1")
+    assert result.returncode == 0, result.stderr
+    assert "| stuck time-outs |" in result.stdout
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| SuperMarioBros-2-1-v0.pt")]
+    assert row.endswith("| 2 | 0 1 |")
 
 
 def test_clear_rate_benchmark_refuses_all_starts_with_sampling():
