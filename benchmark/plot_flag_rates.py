@@ -22,6 +22,8 @@ SHIPPED = {
     "1-3": ([("mario-1-3/gamma0.98-seed1.csv", 0), ("mario-1-3/gamma0.98-height1-seed1.csv", 655_360)], 1_515_520),
     "1-4": ([("mario-1-4/seed1.csv", 0)], 204_800),
     "2-1 (not yet reliable)": ([("mario-2-1/simple-noop30-seed1.csv", 0)], 450_560),
+    "2-2 (not yet reliable; reset-state episodes)": ([("mario-2-2/noop30-start50-prevact-seed1-from-reset.csv", 0)],
+                                                     491_520),
     "2-3 (not yet reliable)": ([("mario-2-3/noop30-seed1-rerun.csv", 0), ("mario-2-3/noop30-rng-fork.csv", 1_032_192)],
                                1_933_312),
     "2-4": ([("mario-2-4/seed1.csv", 0), ("mario-2-4/noop30-seed1.csv", 385_024)], 614_400),
