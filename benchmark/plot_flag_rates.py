@@ -26,7 +26,8 @@ SHIPPED = {
                                                       ("mario-2-2/noop30-start50-prevact-fork491k-seed1-from-reset.csv",
                                                        491_520)], 983_040),
     "2-3 (not yet reliable)": ([("mario-2-3/noop30-seed1-rerun.csv", 0), ("mario-2-3/noop30-rng-fork.csv", 1_032_192),
-                                ("mario-2-3/noop30-rng-fork-sticky10.csv", 1_933_312)], 2_596_864),
+                                ("mario-2-3/noop30-rng-fork-sticky10.csv", 1_933_312),
+                                ("mario-2-3/noop30-sticky10-score0.csv", 2_596_864)], 2_662_400),
     "2-4": ([("mario-2-4/seed1.csv", 0), ("mario-2-4/noop30-seed1.csv", 385_024)], 614_400),
 }
 
