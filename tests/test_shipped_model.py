@@ -16,7 +16,7 @@ def model_path(stage: str) -> str:
 MODEL = model_path("1-1")
 
 
-# Every stage of the first eight ships a model (2-1, 2-2 and 2-3 marked as not yet reliable in the README), with the
+# Every stage of the first eight ships a model (2-2 and 2-3 marked as not yet reliable in the README), with the
 # action set and observation its README command trains.
 @pytest.mark.parametrize("stage, action_set, previous_action", [
     ("1-1", "right_only", False), ("1-2", "right_only", False), ("1-3", "right_only", False),
@@ -31,7 +31,7 @@ def test_shipped_model_is_a_small_evaluation_file(stage, action_set, previous_ac
     assert "optimizer" not in model and os.path.getsize(path) < 10 * 2**20
 
 
-@pytest.mark.parametrize("stage, episodes", [("1-1", 3), ("1-2", 2), ("1-3", 2), ("1-4", 2), ("2-4", 2)])
+@pytest.mark.parametrize("stage, episodes", [("1-1", 3), ("1-2", 2), ("1-3", 2), ("1-4", 2), ("2-1", 2), ("2-4", 2)])
 def test_shipped_model_clears_its_stage(tmp_path, stage, episodes):
     video = tmp_path / "clear.gif"
     result = run_script("ppo_mario.py", "--eval-checkpoint", model_path(stage), "--eval-episodes", str(episodes),
@@ -79,12 +79,13 @@ def test_clear_rate_benchmark_plays_each_start_once(tmp_path):
 
 
 def test_clear_rate_benchmark_counts_the_episodes_the_stuck_time_out_ended():
-    # 2-1's model, not yet reliable, bounces on the springboard below the tall wall, too low, until the time-out.
-    result = run_script("benchmark/mario_clear_rate.py", model_path("2-1"), "--all-starts", "--noop-max", "1")
+    # 2-2's model, not yet reliable: after 0 no-ops it dies, after 1 it clears, after 2 it stops going forward
+    # until the stuck time-out ends the episode: one of the three.
+    result = run_script("benchmark/mario_clear_rate.py", model_path("2-2"), "--all-starts", "--noop-max", "2")
     assert result.returncode == 0, result.stderr
     assert "| stuck time-outs |" in result.stdout
-    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| SuperMarioBros-2-1-v0.pt")]
-    assert row.endswith("| 2 | 0 1 |")
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| SuperMarioBros-2-2-v0.pt")]
+    assert row.endswith("| 1 | 0 2 |")
 
 
 def test_clear_rate_benchmark_refuses_all_starts_with_sampling():
